@@ -1,0 +1,56 @@
+# iotgw developer commands. `make test` is what CI runs (.ci/run): it installs
+# everything the tests need (Python packages; Mosquitto, Kafka and InfluxDB through
+# the local stack) and runs lint and every test.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status clean
+
+setup: $(VENV)/.synced ## Create .venv with the locked dependencies and iotgw in it
+
+# The only thing installed outside the lock: uv itself, bootstrapped with the machine's pip.
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+lint: setup ## ruff (lint and format check) and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint ## lint, then every test; the local stack is brought up (and installed) as needed
+	$(BIN)/pytest
+
+test-unit: setup ## the tests that need no server
+	$(BIN)/pytest -m unit
+
+test-integration: setup ## the tests against real Mosquitto, Kafka and InfluxDB
+	$(BIN)/pytest -m "integration or faults"
+
+stack-up: setup
+	$(BIN)/iotgw stack up
+
+stack-down: setup
+	$(BIN)/iotgw stack down
+
+stack-status: setup
+	$(BIN)/iotgw stack status
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""iotgw: MQTT readings validated into Apache Kafka, on to InfluxDB and alerting rules."""

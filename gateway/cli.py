@@ -1,0 +1,135 @@
+"""The `iotgw` command line: one typer app whose commands run every part of iotgw."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway import stack
+from gateway.errors import IotgwError
+from gateway.kafka import TopicResult, ensure_topics
+from gateway.settings import load_settings
+
+app = typer.Typer(
+    help="iotgw: MQTT sensor readings validated into Apache Kafka, InfluxDB and alerts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(
+    help="The local stack: Mosquitto, Apache Kafka and InfluxDB as processes.",
+    no_args_is_help=True,
+)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+
+console = Console()
+errors = Console(stderr=True)
+
+StackDir = Annotated[
+    Path, typer.Option("--dir", help="Folder of the stack's configs, data, logs and pid files.")
+]
+
+
+def _say(message: str) -> None:
+    console.print(f"[dim]•[/dim] {message}", highlight=False)
+
+
+def _server_table(servers: list[stack.ServerStatus]) -> Table:
+    table = Table("server", "pid", "address", "state")
+    for server in servers:
+        state = "[green]up[/green]" if server.up else "[red]down[/red]"
+        table.add_row(server.name, str(server.pid or "-"), server.address, state)
+    return table
+
+
+def _topic_table(topics: list[TopicResult]) -> Table:
+    table = Table("topic", "partitions", "replication", "")
+    for topic in topics:
+        table.add_row(
+            topic.name, str(topic.partitions), str(topic.replication),
+            "created" if topic.created else "exists",
+        )  # fmt: skip
+    return table
+
+
+@stack_app.command("up")
+def stack_up(
+    kafka_brokers: Annotated[
+        int, typer.Option(min=1, max=9, help="Kafka nodes; 3 gives replication 3, min ISR 2.")
+    ] = 1,
+    mqtt_port: Annotated[int, typer.Option(help="Mosquitto's port.")] = 1883,
+    kafka_port: Annotated[int, typer.Option(help="First Kafka broker's port.")] = 9092,
+    influx_port: Annotated[int, typer.Option(help="InfluxDB's HTTP port.")] = 8086,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for each server (default per server).")
+    ] = None,
+    root: StackDir = stack.DEFAULT_STACK_DIR,
+) -> None:
+    """Install what is missing, start the servers, wait until they serve, create topics."""
+    settings = load_settings()
+    plan = stack.StackPlan(root, mqtt_port, kafka_port, kafka_brokers, influx_port)
+    result = asyncio.run(stack.up(plan, settings, report=_say, timeout_s=timeout))
+    console.print(_server_table(result.servers))
+    if result.topics:
+        console.print(_topic_table(result.topics))
+    console.print(
+        f"stack ready in {result.seconds:.1f} s (Apache Kafka {result.kafka_version}); "
+        f"logs in {root / 'logs'}; stop it with `iotgw stack down`"
+    )
+
+
+@stack_app.command("down")
+def stack_down(
+    purge: Annotated[bool, typer.Option(help="Also delete the stack's data and logs.")] = False,
+    root: StackDir = stack.DEFAULT_STACK_DIR,
+) -> None:
+    """Stop the servers this stack started (by their pid files)."""
+    stopped = stack.down(root, purge=purge, report=_say)
+    console.print(f"stopped {len(stopped)} server(s)" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status(root: StackDir = stack.DEFAULT_STACK_DIR) -> None:
+    """Show each server of the stack: pid, address, up or down. Exit 1 if any is down."""
+    servers = stack.status(root)
+    if not servers:
+        console.print(f"no stack in {root}: start one with `iotgw stack up`")
+        raise typer.Exit(1)
+    console.print(_server_table(servers))
+    if not all(server.up for server in servers):
+        raise typer.Exit(1)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create iotgw's topics on the configured Kafka; existing topics are left as they are."""
+    settings = load_settings()
+    console.print(_topic_table(asyncio.run(ensure_topics(settings))))
+
+
+def main() -> None:
+    """Entry point of the `iotgw` script: an IotgwError is one line on stderr, not a traceback."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    # A command reports a failed connection itself, in one line; the clients' own
+    # retry logs would only repeat it.
+    for client in ("aiokafka", "gmqtt"):
+        logging.getLogger(client).setLevel(logging.CRITICAL)
+    try:
+        app()
+    except IotgwError as exc:
+        for line in str(exc).splitlines():
+            errors.print(f"iotgw: error: {line}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,159 @@
+"""The one settings object: environment (`IOTGW_*`), then `iotgw.toml`, then defaults."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "IOTGW_"
+CONFIG_FILE = "iotgw.toml"
+
+Service = Literal["bridge", "writer", "rules"]
+
+# Each service serves Prometheus metrics and health on its own port, so the three
+# can run side by side on one host (DESIGN.md, "Configuration").
+DEFAULT_METRICS_PORTS: dict[Service, int] = {"bridge": 9108, "writer": 9109, "rules": 9110}
+
+
+@dataclass(frozen=True)
+class MqttEndpoint:
+    """Where the broker is and how to log in, parsed from `IOTGW_MQTT_URL`."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: SecretStr | None
+
+
+def parse_mqtt_url(url: str) -> MqttEndpoint:
+    """Parse `mqtt://user:pass@host:1883` (or `mqtts://`); raise ValueError without echoing it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError("scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError("host is missing")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("port must be a number from 1 to 65535") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be scheme://[user[:password]@]host[:port] with no path")
+    tls = parts.scheme == "mqtts"
+    return MqttEndpoint(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=SecretStr(unquote(parts.password)) if parts.password else None,
+    )
+
+
+def _check_mqtt_url(url: SecretStr) -> SecretStr:
+    parse_mqtt_url(url.get_secret_value())
+    return url
+
+
+def _check_bootstrap(value: str) -> str:
+    for server in value.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port[,host:port...]")
+    return value
+
+
+def _default_client_id() -> str:
+    return f"iotgw-bridge-{socket.gethostname()}"
+
+
+class Settings(BaseSettings):
+    """Everything iotgw reads from its environment; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        toml_file=CONFIG_FILE,
+        extra="forbid",
+        frozen=True,
+    )
+
+    # The URL may carry a password, so the whole URL is a secret.
+    mqtt_url: Annotated[SecretStr, AfterValidator(_check_mqtt_url)] = SecretStr(
+        "mqtt://127.0.0.1:1883"
+    )
+    mqtt_client_id: str = Field(
+        default_factory=_default_client_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+    )
+    kafka_bootstrap: Annotated[str, AfterValidator(_check_bootstrap)] = "127.0.0.1:9092"
+    influx_url: HttpUrl = HttpUrl("http://127.0.0.1:8086")
+    influx_db: str = Field(default="iot", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+    topic_prefix: str = Field(default="iot", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    readings_partitions: int = Field(default=6, ge=1, le=10_000)
+    require_registration: bool = True
+    rules_file: Path = Path("rules.yaml")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # How long a command waits for a service before it gives up with one line.
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _strip_spaces(cls, value: str) -> str:
+        return ",".join(server.strip() for server in value.split(","))
+
+    @property
+    def mqtt(self) -> MqttEndpoint:
+        return parse_mqtt_url(self.mqtt_url.get_secret_value())
+
+    def metrics_port_for(self, service: Service) -> int:
+        return self.metrics_port or DEFAULT_METRICS_PORTS[service]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    return f"{ENV_PREFIX}{field.upper()} ({field} in {CONFIG_FILE})"
+
+
+def load_settings() -> Settings:
+    """Load the settings or raise ConfigError: one line per missing or invalid field."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_input=False, include_url=False):
+            kind = "unknown" if error["type"] == "extra_forbidden" else "invalid"
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{kind} setting {_field_name(error['loc'])}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_FILE} is not valid TOML: {exc}") from None

@@ -1,0 +1,568 @@
+"""The local stack: Mosquitto, Apache Kafka (KRaft) and InfluxDB as processes under `.stack/`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import getpass
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from string import Template
+
+from gateway.errors import IotgwError
+from gateway.influx import InfluxClient
+from gateway.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
+from gateway.kafka import TopicResult, broker_ids, ensure_topics
+from gateway.mqtt import broker_answers
+from gateway.settings import MqttEndpoint, Settings
+
+Report = Callable[[str], None]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_TEMPLATES = PROJECT_ROOT / "compose" / "local"
+DEFAULT_STACK_DIR = PROJECT_ROOT / ".stack"
+SERVER_KINDS = ("mosquitto", "kafka", "influxdb")
+HOST = "127.0.0.1"
+
+# A Kafka node's controller listens this far above its broker port.
+CONTROLLER_PORT_OFFSET = 100
+# Kafka's controlled shutdown moves partition leadership away first; give it time
+# before the stack falls back to SIGKILL.
+STOP_TIMEOUT_S = 30.0
+PROBE_INTERVAL_S = 0.25
+
+
+def _ignore(_: str) -> None:
+    """A report that says nothing."""
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """Which servers to run, where their files live and which loopback ports they take."""
+
+    root: Path = DEFAULT_STACK_DIR
+    mqtt_port: int = 1883
+    kafka_port: int = 9092
+    kafka_brokers: int = 1
+    influx_port: int = 8086
+    kinds: tuple[str, ...] = SERVER_KINDS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.kafka_brokers <= 9:
+            raise IotgwError("--kafka-brokers must be from 1 to 9", exit_code=2)
+        unknown = set(self.kinds) - set(SERVER_KINDS)
+        if unknown or not self.kinds:
+            raise IotgwError(f"servers must be among {', '.join(SERVER_KINDS)}", exit_code=2)
+        ports = [self.mqtt_port, self.influx_port, self.influx_port + 2]
+        ports += [self.kafka_port + i for i in range(self.kafka_brokers)]
+        if any(not 1024 <= port <= 65535 - CONTROLLER_PORT_OFFSET for port in ports):
+            raise IotgwError("ports must be from 1024 to 65435", exit_code=2)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return ",".join(f"{HOST}:{self.kafka_port + i}" for i in range(self.kafka_brokers))
+
+    @property
+    def influx_url(self) -> str:
+        return f"http://{HOST}:{self.influx_port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://{HOST}:{self.mqtt_port}"
+
+
+@dataclass
+class StackState:
+    """What `stack up` recorded in `.stack/stack.json`, so `status` and `down` need no flags."""
+
+    mqtt_port: int
+    kafka_port: int
+    kafka_brokers: int
+    influx_port: int
+    kinds: list[str]
+    kafka_cluster_id: str = field(
+        default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    )
+
+    @classmethod
+    def load(cls, root: Path) -> StackState | None:
+        path = root / "stack.json"
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            raise IotgwError(f"{path} is damaged: stop the servers by hand and remove it") from None
+
+    def save(self, root: Path) -> None:
+        (root / "stack.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def plan(self, root: Path) -> StackPlan:
+        return StackPlan(
+            root, self.mqtt_port, self.kafka_port, self.kafka_brokers, self.influx_port,
+            tuple(self.kinds),
+        )  # fmt: skip
+
+
+class Server(ABC):
+    """One server process of the stack: its config, command, files and readiness probe."""
+
+    ready_timeout_s = 30.0
+
+    def __init__(self, plan: StackPlan, name: str, port: int) -> None:
+        self.plan = plan
+        self.name = name
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def home(self) -> Path:
+        return self.plan.root / self.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / self.config_name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.plan.root / "run" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.plan.root / "logs" / f"{self.name}.log"
+
+    def ports(self) -> list[int]:
+        return [self.port]
+
+    def render(self, template: str, **values: object) -> None:
+        text = Template((LOCAL_TEMPLATES / template).read_text()).substitute(values)
+        self.config_file.write_text(text)
+
+    config_name: str
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Write the config (and initialise storage) before the first start."""
+
+    @abstractmethod
+    def command(self) -> list[str]: ...
+
+    @abstractmethod
+    async def probe(self) -> bool:
+        """True when the server really serves its protocol."""
+
+
+class Mosquitto(Server):
+    config_name = "mosquitto.conf"
+    ready_timeout_s = 15.0
+
+    def prepare(self) -> None:
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        self.render(
+            "mosquitto.conf",
+            mqtt_port=self.port, user=getpass.getuser(), data_dir=self.home / "data",
+        )  # fmt: skip
+
+    def command(self) -> list[str]:
+        return ["mosquitto", "-c", str(self.config_file)]
+
+    async def probe(self) -> bool:
+        return await broker_answers(MqttEndpoint(HOST, self.port, False, None, None), 2.0)
+
+
+class InfluxDB(Server):
+    config_name = "influxdb.conf"
+
+    def ports(self) -> list[int]:
+        return [self.port, self.port + 2]
+
+    def prepare(self) -> None:
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        self.render(
+            "influxdb.conf",
+            http_port=self.port, rpc_port=self.port + 2, data_dir=self.home / "data",
+        )  # fmt: skip
+
+    def command(self) -> list[str]:
+        return ["influxd", "run", "-config", str(self.config_file)]
+
+    async def probe(self) -> bool:
+        async with InfluxClient(f"http://{self.address}", timeout_s=2.0) as influx:
+            return await influx.ping()
+
+
+class KafkaNode(Server):
+    config_name = "server.properties"
+    ready_timeout_s = 90.0
+
+    def __init__(
+        self, plan: StackPlan, node_id: int, kafka: KafkaDistribution, cluster_id: str
+    ) -> None:
+        super().__init__(plan, f"kafka-{node_id}", plan.kafka_port + node_id - 1)
+        self.node_id = node_id
+        self.kafka = kafka
+        self.cluster_id = cluster_id
+
+    @property
+    def controller_port(self) -> int:
+        return self.port + CONTROLLER_PORT_OFFSET
+
+    def ports(self) -> list[int]:
+        return [self.port, self.controller_port]
+
+    def prepare(self) -> None:
+        data = self.home / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        brokers = self.plan.kafka_brokers
+        voters = ",".join(
+            f"{i}@{HOST}:{self.plan.kafka_port + i - 1 + CONTROLLER_PORT_OFFSET}"
+            for i in range(1, brokers + 1)
+        )
+        replication = min(3, brokers)
+        self.render(
+            "kafka.properties",
+            node_id=self.node_id, voters=voters, port=self.port,
+            controller_port=self.controller_port, data_dir=data,
+            replication=replication, min_isr=2 if replication == 3 else 1,
+        )  # fmt: skip
+        if not (data / "meta.properties").exists():
+            self._format_storage()
+
+    def _format_storage(self) -> None:
+        command = self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id,
+                             "-c", str(self.config_file))  # fmt: skip
+        with self.log_file.open("ab") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode:
+            raise IotgwError(f"formatting storage of {self.name} failed; see {self.log_file}")
+
+    def _java(self, main_class: str, *args: str) -> list[str]:
+        return [
+            "java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}",
+            "-cp", self.kafka.classpath, main_class, *args,
+        ]  # fmt: skip
+
+    def command(self) -> list[str]:
+        return self._java("kafka.Kafka", str(self.config_file))
+
+    async def probe(self) -> bool:
+        """Ready when this node's metadata lists every broker of the cluster."""
+        try:
+            ids = await broker_ids(self.address, 3.0)
+        except IotgwError:
+            return False
+        return ids == list(range(1, self.plan.kafka_brokers + 1))
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    name: str
+    pid: int | None
+    address: str
+    up: bool
+
+
+@dataclass(frozen=True)
+class StackReport:
+    """What `stack up` did and found."""
+
+    servers: list[ServerStatus]
+    started: list[str]
+    kafka_version: str | None
+    topics: list[TopicResult]
+    seconds: float
+
+
+def build_servers(
+    plan: StackPlan, kafka: KafkaDistribution | None, cluster_id: str
+) -> list[Server]:
+    servers: list[Server] = []
+    if "mosquitto" in plan.kinds:
+        servers.append(Mosquitto(plan, "mosquitto", plan.mqtt_port))
+    if "kafka" in plan.kinds:
+        if kafka is None:
+            raise IotgwError("Kafka's jars are not resolved")
+        servers += [KafkaNode(plan, i, kafka, cluster_id) for i in range(1, plan.kafka_brokers + 1)]
+    if "influxdb" in plan.kinds:
+        servers.append(InfluxDB(plan, "influxdb", plan.influx_port))
+    return servers
+
+
+def running_pid(server: Server) -> int | None:
+    """The pid of this stack's process for `server`, or None.
+
+    A pid file alone could name a process that died and whose pid was reused, so the
+    process must also run this server's config file.
+    """
+    try:
+        pid = int(server.pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if str(server.config_file).encode() in cmdline else None
+
+
+# Handles of the processes this Python process started: kept so that they are reaped
+# (no zombies while tests run) and never collected while their process still runs.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+
+
+def _spawn(server: Server) -> subprocess.Popen[bytes]:
+    with server.log_file.open("ab") as log:
+        child = subprocess.Popen(
+            server.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=server.home, start_new_session=True,
+        )  # fmt: skip
+    _CHILDREN[child.pid] = child
+    server.pid_file.write_text(f"{child.pid}\n")
+    return child
+
+
+def _check_ports_free(server: Server) -> None:
+    for port in server.ports():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                raise IotgwError(
+                    f"port {port} for {server.name} is already in use by another process: "
+                    "stop that process or start the stack on other ports"
+                ) from None
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1][:200]
+    return ""
+
+
+async def _wait_ready(
+    server: Server, child: subprocess.Popen[bytes] | None, timeout_s: float | None
+) -> None:
+    """Wait until `server` serves; `child` is its process when this call started it."""
+    limit = timeout_s or server.ready_timeout_s
+    deadline = time.monotonic() + limit
+    while True:
+        code = child.poll() if child is not None else None
+        if code is not None or (child is None and running_pid(server) is None):
+            raise IotgwError(
+                f"{server.name} exited during start-up (code {code}); see {server.log_file}"
+                f" (last line: {_last_line(server.log_file)})"
+            )
+        if await server.probe():
+            return
+        if time.monotonic() > deadline:
+            raise IotgwError(
+                f"{server.name} did not answer on {server.address} within {limit:.0f} s; "
+                f"see {server.log_file}"
+            )
+        await asyncio.sleep(PROBE_INTERVAL_S)
+
+
+@contextlib.contextmanager
+def _quiet_clients() -> Iterator[None]:
+    """Silence the MQTT and Kafka clients' logs while probes fail by design.
+
+    A server that never comes up is reported in one line by `_wait_ready`.
+    """
+    loggers = [logging.getLogger(name) for name in ("aiokafka", "gmqtt")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _tcp_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _server_status(server: Server) -> ServerStatus:
+    pid = running_pid(server)
+    return ServerStatus(
+        server.name, pid, server.address, pid is not None and _tcp_open(server.address)
+    )
+
+
+def _recorded_servers(root: Path) -> list[Server]:
+    state = StackState.load(root)
+    if state is None:
+        return []
+    plan = state.plan(root)
+    # Status and stop need names, files and ports only, not Kafka's jars.
+    kafka = KafkaDistribution("", root) if "kafka" in plan.kinds else None
+    return build_servers(plan, kafka, state.kafka_cluster_id)
+
+
+async def up(
+    plan: StackPlan,
+    settings: Settings,
+    *,
+    report: Report = _ignore,
+    timeout_s: float | None = None,
+) -> StackReport:
+    """Install what is missing, start what is not running, wait until all serve, make topics."""
+    started_at = time.monotonic()
+    if not LOCAL_TEMPLATES.is_dir():
+        raise IotgwError(
+            f"{LOCAL_TEMPLATES} not found: `iotgw stack` runs from a checkout of iotgw"
+        )
+    for folder in ("run", "logs"):
+        (plan.root / folder).mkdir(parents=True, exist_ok=True)
+    install_log = plan.root / "logs" / "install.log"
+
+    state = _reconcile_state(plan)
+    binaries = [
+        b for kind, b in (("mosquitto", "mosquitto"), ("influxdb", "influxd")) if kind in plan.kinds
+    ]
+    ensure_debian_packages(binaries, install_log, report)
+    kafka = None
+    if "kafka" in plan.kinds:
+        ensure_java()
+        kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", install_log, report)
+
+    servers = build_servers(plan, kafka, state.kafka_cluster_id)
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    for server in servers:
+        server.home.mkdir(parents=True, exist_ok=True)
+        pid = running_pid(server)
+        if pid is not None:
+            report(f"{server.name} already running (pid {pid})")
+            continue
+        _check_ports_free(server)
+        server.prepare()
+        children[server.name] = child = _spawn(server)
+        report(f"starting {server.name} on {server.address} (pid {child.pid})")
+    state.save(plan.root)
+    # Every server gets its whole chance to start; the first failure is reported after.
+    waits = [_wait_ready(server, children.get(server.name), timeout_s) for server in servers]
+    with _quiet_clients():
+        outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+    topics: list[TopicResult] = []
+    if "kafka" in plan.kinds:
+        topics = await ensure_topics(
+            settings.model_copy(update={"kafka_bootstrap": plan.kafka_bootstrap})
+        )
+    if "influxdb" in plan.kinds:
+        async with InfluxClient(plan.influx_url, timeout_s=settings.timeout_s) as influx:
+            await influx.create_database(settings.influx_db)
+    return StackReport(
+        [_server_status(server) for server in servers],
+        list(children),
+        kafka.version if kafka else None,
+        topics,
+        time.monotonic() - started_at,
+    )
+
+
+def _reconcile_state(plan: StackPlan) -> StackState:
+    """The state to record, refusing a change the running or stored servers cannot take."""
+    state = StackState.load(plan.root)
+    if state is not None:
+        old = state.plan(plan.root)
+        if old != plan and any(running_pid(s) for s in _recorded_servers(plan.root)):
+            raise IotgwError(
+                f"a stack with other settings is running in {plan.root}: "
+                "run `iotgw stack down` first"
+            )
+        kafka_data = any((plan.root / f"kafka-{i}" / "data").exists() for i in range(1, 10))
+        if old.kafka_brokers != plan.kafka_brokers and "kafka" in plan.kinds and kafka_data:
+            raise IotgwError(
+                f"the Kafka data in {plan.root} belongs to a {old.kafka_brokers}-broker cluster: "
+                "run `iotgw stack down --purge` to start afresh with "
+                f"{plan.kafka_brokers} broker(s)"
+            )
+        return StackState(
+            plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port,
+            list(plan.kinds), state.kafka_cluster_id,
+        )  # fmt: skip
+    return StackState(
+        plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port, list(plan.kinds)
+    )
+
+
+def status(root: Path = DEFAULT_STACK_DIR) -> list[ServerStatus]:
+    """The recorded servers and whether each runs and accepts connections."""
+    _reap()
+    return [_server_status(server) for server in _recorded_servers(root)]
+
+
+def down(
+    root: Path = DEFAULT_STACK_DIR,
+    *,
+    purge: bool = False,
+    only: set[str] | None = None,
+    report: Report = _ignore,
+) -> list[str]:
+    """Stop the processes this stack started (by their pid files), then optionally delete its data.
+
+    `only` names the servers to stop (all when None).
+    """
+    servers = [s for s in _recorded_servers(root) if only is None or s.name in only]
+    pids = {server.name: pid for server in servers if (pid := running_pid(server)) is not None}
+    # Data that is about to be deleted needs no clean shutdown.
+    first = signal.SIGKILL if purge else signal.SIGTERM
+    for name, pid in pids.items():
+        report(f"stopping {name} (pid {pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, first)
+    _wait_gone(servers, STOP_TIMEOUT_S)
+    for server in servers:
+        pid = running_pid(server)
+        if pid is not None:
+            report(f"{server.name} did not stop within {STOP_TIMEOUT_S:.0f} s: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    _wait_gone(servers, 10.0)
+    for server in servers:
+        server.pid_file.unlink(missing_ok=True)
+    if purge and root.exists():
+        report(f"deleting {root}")
+        shutil.rmtree(root)
+    return list(pids)
+
+
+def _wait_gone(servers: list[Server], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap()
+        if all(running_pid(server) is None for server in servers):
+            return
+        time.sleep(0.1)

@@ -1,0 +1,54 @@
+"""The one place that names the Kafka topics, under a configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic to create: its name, partition count and topic-level configs."""
+
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of DESIGN.md ("Kafka"), e.g. `iot.readings` for the prefix `iot`."""
+
+    prefix: str = "iot"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c not in _TOPIC_CHARS for c in self.prefix):
+            raise ValueError(f"invalid topic prefix {self.prefix!r}: use letters, digits, . _ -")
+
+    @property
+    def readings(self) -> str:
+        return f"{self.prefix}.readings"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.readings.dlq"
+
+    @property
+    def devices(self) -> str:
+        return f"{self.prefix}.devices"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}.alerts"
+
+    def specs(self, readings_partitions: int = 6) -> list[TopicSpec]:
+        """Every topic iotgw uses, as `iotgw topics create` makes them."""
+        return [
+            TopicSpec(self.readings, readings_partitions),
+            TopicSpec(self.dead_letters, readings_partitions),
+            # The registry: one record per device id, kept forever, a tombstone deletes.
+            TopicSpec(self.devices, 1, {"cleanup.policy": "compact"}),
+            TopicSpec(self.alerts, readings_partitions),
+        ]
+
+
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -1,0 +1,1 @@
+"""The data contract as pydantic models and the JSON Schema files generated from them."""

@@ -1,0 +1,1 @@
+"""Device fleet simulators and the benchmark harness."""

@@ -1,0 +1,1 @@
+"""iotgw tests: unit (no services), integration (real servers), faults (kills, outages)."""

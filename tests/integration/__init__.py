@@ -1,0 +1,1 @@
+"""Against the real local stack: Mosquitto, Apache Kafka, InfluxDB."""

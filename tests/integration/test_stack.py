@@ -1,0 +1,282 @@
+"""`iotgw stack` and `iotgw topics`: real servers up, reused, reported, stopped; clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from gmqtt import Client
+
+from gateway import stack
+from gateway.errors import IotgwError
+from gateway.kafka import broker_ids, create_producer, kafka_admin
+from gateway.settings import Settings
+from gateway.topics import Topics
+from tests.conftest import stack_settings, unique
+from tests.integration.test_servers import consume
+
+pytestmark = pytest.mark.integration
+
+IOTGW = [sys.executable, "-m", "gateway"]
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `iotgw ARGS` as a user would, in a subprocess, with extra environment."""
+    return subprocess.run(
+        [*IOTGW, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+
+
+def free_ports(count: int, step: int = 1) -> int:
+    """A base port such that base, base+step, ... and each +100 (Kafka controllers) are free."""
+    for base in range(20000, 60000, 37):
+        wanted = [base + i * step for i in range(count)]
+        wanted += [port + stack.CONTROLLER_PORT_OFFSET for port in wanted]
+        if all(_free(port) for port in wanted):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_status_lists_every_server_up(local_stack: stack.StackPlan) -> None:
+    """`iotgw stack status` shows Mosquitto, Kafka and InfluxDB up with their pids."""
+    result = run_cli("stack", "status", "--dir", str(local_stack.root))
+    assert result.returncode == 0, result.stderr
+    for server in stack.status(local_stack.root):
+        assert server.up
+        assert server.pid is not None
+        line = next(line for line in result.stdout.splitlines() if server.name in line)
+        assert str(server.pid) in line
+        assert server.address in line
+        assert "up" in line
+
+
+async def test_second_up_reuses_running_servers_and_installs_nothing(
+    local_stack: stack.StackPlan, settings: Settings
+) -> None:
+    """Bringing up a running stack starts nothing, fetches nothing, and still checks each server."""
+    said: list[str] = []
+    report = await stack.up(local_stack, settings, report=said.append)
+    assert report.started == []
+    assert all(server.up for server in report.servers)
+    assert not [line for line in said if line.startswith(("installing", "fetching"))]
+    assert len([line for line in said if "already running" in line]) == len(report.servers)
+
+
+async def test_topics_are_created_with_design_settings(settings: Settings) -> None:
+    """The stack made iotgw's topics: readings with 6 partitions, the registry compacted."""
+    topics = Topics(settings.topic_prefix)
+    async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+        described = {t["topic"]: t for t in await admin.describe_topics([topics.readings])}
+        configs = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topics.devices, {"cleanup.policy": None})]
+        )
+    assert len(described[topics.readings]["partitions"]) == 6
+    entries = configs[0].resources[0][4]
+    assert [(name, value) for name, value, *_ in entries] == [("cleanup.policy", "compact")]
+
+
+def test_topics_create_is_idempotent(local_stack: stack.StackPlan) -> None:
+    """`iotgw topics create` twice: the second run reports every topic as existing."""
+    prefix = unique("t").replace("-", "")
+    env = {"IOTGW_TOPIC_PREFIX": prefix, "IOTGW_KAFKA_BOOTSTRAP": local_stack.kafka_bootstrap}
+    first = run_cli("topics", "create", **env)
+    second = run_cli("topics", "create", **env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created") == 4
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("exists") == 4
+    assert f"{prefix}.readings.dlq" in second.stdout
+
+
+def test_unreachable_kafka_is_one_line_within_timeout() -> None:
+    """A closed Kafka port gives one error line and exit 1, not a traceback or a hang."""
+    port = free_ports(1)
+    result = run_cli(
+        "topics", "create", IOTGW_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}", IOTGW_TIMEOUT_S="3"
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"iotgw: error: Kafka is unreachable at 127.0.0.1:{port}")
+
+
+def test_bad_settings_stop_a_command_with_one_line_per_field() -> None:
+    """Invalid variables are each named on a line; the command exits 2 without a traceback."""
+    result = run_cli(
+        "topics", "create", IOTGW_READINGS_PARTITIONS="0", IOTGW_INFLUX_URL="not a url"
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert any("IOTGW_READINGS_PARTITIONS" in line for line in lines)
+    assert any("IOTGW_INFLUX_URL" in line for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+async def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    """A port taken by another process stops `stack up` with a line naming port and server."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        plan = stack.StackPlan(tmp_path / "stack", mqtt_port=port, kinds=("mosquitto",))
+        with pytest.raises(IotgwError, match=f"port {port} for mosquitto is already in use"):
+            await stack.up(plan, Settings())
+    assert stack.status(plan.root) == [] or not any(s.up for s in stack.status(plan.root))
+
+
+async def test_mosquitto_keeps_a_large_backlog_across_a_restart(tmp_path: Path) -> None:
+    """A persistent session's 2,500 queued readings (past the default cap of 1,000) survive
+    a broker restart and are all delivered, in order, when the client returns."""
+    plan = stack.StackPlan(tmp_path / "stack", mqtt_port=free_ports(1), kinds=("mosquitto",))
+    settings = stack_settings(plan)
+    await stack.up(plan, settings)
+    try:
+        endpoint, topic, client_id = settings.mqtt, f"test/{unique('backlog')}", unique("gw")
+        total = 2500
+
+        async def session(sink: list[bytes]) -> Client:
+            client = Client(client_id, clean_session=False, session_expiry_interval=3600)
+            subscribed = asyncio.Event()
+
+            def on_message(*args: Any) -> int:
+                sink.append(args[2])
+                return 0
+
+            client.on_message = on_message
+            client.on_subscribe = lambda *args: subscribed.set()
+            await client.connect(endpoint.host, endpoint.port)
+            client.subscribe(topic, qos=1)
+            await asyncio.wait_for(subscribed.wait(), 10)
+            return client
+
+        offline = await session([])
+        await offline.disconnect()
+
+        # A second subscriber sees what the broker accepted: once it has everything,
+        # the broker has queued everything for the offline session too.
+        witness_got: list[bytes] = []
+        witness = await _subscriber(endpoint.host, endpoint.port, topic, witness_got)
+        publisher = Client(unique("device"))
+        await publisher.connect(endpoint.host, endpoint.port)
+        for i in range(total):
+            await _publish_in_flight_window(publisher, topic, str(i).encode())
+        await _until(lambda: len(witness_got) == total, 30)
+        await publisher.disconnect()
+        await witness.disconnect()
+
+        stack.down(plan.root)
+        await stack.up(plan, settings)
+
+        delivered: list[bytes] = []
+        returning = await session(delivered)
+        await _until(lambda: len(delivered) >= total, 30)
+        await returning.disconnect()
+        assert delivered == [str(i).encode() for i in range(total)]
+    finally:
+        stack.down(plan.root, purge=True)
+
+
+async def _subscriber(host: str, port: int, topic: str, sink: list[bytes]) -> Client:
+    client = Client(unique("witness"))
+    subscribed = asyncio.Event()
+
+    def on_message(*args: Any) -> int:
+        sink.append(args[2])
+        return 0
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    await client.connect(host, port)
+    client.subscribe(topic, qos=1)
+    await asyncio.wait_for(subscribed.wait(), 10)
+    return client
+
+
+async def _publish_in_flight_window(client: Client, topic: str, payload: bytes) -> None:
+    """Publish at QoS 1 once the broker's in-flight window (receive maximum) has room."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                client.publish(topic, payload, qos=1)
+                return
+            except OverflowError:  # every packet id is in flight: wait for PUBACKs
+                await asyncio.sleep(0.005)
+
+
+async def _until(condition: Any, timeout_s: float) -> None:
+    """Wait until `condition()` holds; it reads state that gmqtt's callbacks update."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the state changes in library callbacks
+            await asyncio.sleep(0.05)
+
+
+async def test_three_broker_cluster_serves_on_after_a_broker_is_killed(tmp_path: Path) -> None:
+    """Three nodes report three brokers; with the leader of a replicated partition
+    killed (-9), acks=all writes go on and nothing written before is lost."""
+    plan = stack.StackPlan(
+        tmp_path / "cluster", kafka_port=free_ports(3), kafka_brokers=3, kinds=("kafka",)
+    )
+    settings = stack_settings(plan)
+    await stack.up(plan, settings)
+    try:
+        assert await broker_ids(plan.kafka_bootstrap, 10) == [1, 2, 3]
+        topic = unique("replicated")
+        async with kafka_admin(plan.kafka_bootstrap, 10) as admin:
+            await admin.create_topics([NewTopic(topic, 1, 3)])
+            leader = await _leader(admin, topic)
+
+        producer = create_producer(settings, request_timeout_ms=30000)
+        await producer.start()
+        try:
+            for i in range(50):
+                await producer.send_and_wait(topic, f"before {i}".encode(), key=b"d")
+            pids = {s.name: s.pid for s in stack.status(plan.root)}
+            victim = pids[f"kafka-{leader}"]
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            for i in range(50):
+                await producer.send_and_wait(topic, f"after {i}".encode(), key=b"d")
+        finally:
+            await producer.stop()
+
+        survivors = ",".join(
+            f"127.0.0.1:{plan.kafka_port + n - 1}" for n in (1, 2, 3) if n != leader
+        )
+        records = await consume(
+            settings.model_copy(update={"kafka_bootstrap": survivors}), topic, 100
+        )
+        assert [r.value for r in records] == [f"before {i}".encode() for i in range(50)] + [
+            f"after {i}".encode() for i in range(50)
+        ]
+        assert await broker_ids(survivors, 10) == sorted({1, 2, 3} - {leader})
+    finally:
+        stack.down(plan.root, purge=True)
+
+
+async def _leader(admin: Any, topic: str) -> int:
+    """The leader of partition 0, once every broker's metadata knows it."""
+    async with asyncio.timeout(30):
+        while True:
+            partitions = (await admin.describe_topics([topic]))[0]["partitions"]
+            if partitions and partitions[0]["leader"] >= 0:
+                return int(partitions[0]["leader"])
+            await asyncio.sleep(0.1)
