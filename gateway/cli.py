@@ -39,7 +39,7 @@ StackDir = Annotated[
 
 
 def _say(message: str) -> None:
-    console.print(f"[dim]•[/dim] {message}", highlight=False)
+    console.print(f"[dim]•[/dim] {message}", highlight=False, soft_wrap=True)
 
 
 def _server_table(servers: list[stack.ServerStatus]) -> Table:
@@ -82,7 +82,8 @@ def stack_up(
         console.print(_topic_table(result.topics))
     console.print(
         f"stack ready in {result.seconds:.1f} s (Apache Kafka {result.kafka_version}); "
-        f"logs in {root / 'logs'}; stop it with `iotgw stack down`"
+        f"logs in {root / 'logs'}; stop it with `iotgw stack down`",
+        soft_wrap=True,
     )
 
 
