@@ -6,18 +6,34 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from gateway import stack
+from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
 from gateway.settings import load_settings
+from gateway.terminal import console, print_error, say
+
+
+class _OneLineErrors(TyperGroup):
+    """Every command's IotgwError becomes one line on stderr and its exit code."""
+
+    # Typed Any: typer's base class types it with its vendored, private click.Context.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IotgwError as exc:
+            print_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="iotgw: MQTT sensor readings validated into Apache Kafka, InfluxDB and alerts.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -29,17 +45,11 @@ stack_app = typer.Typer(
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
-
-console = Console()
-errors = Console(stderr=True)
+app.add_typer(devices_app, name="devices")
 
 StackDir = Annotated[
     Path, typer.Option("--dir", help="Folder of the stack's configs, data, logs and pid files.")
 ]
-
-
-def _say(message: str) -> None:
-    console.print(f"[dim]•[/dim] {message}", highlight=False, soft_wrap=True)
 
 
 def _server_table(servers: list[stack.ServerStatus]) -> Table:
@@ -76,7 +86,7 @@ def stack_up(
     """Install what is missing, start the servers, wait until they serve, create topics."""
     settings = load_settings()
     plan = stack.StackPlan(root, mqtt_port, kafka_port, kafka_brokers, influx_port)
-    result = asyncio.run(stack.up(plan, settings, report=_say, timeout_s=timeout))
+    result = asyncio.run(stack.up(plan, settings, report=say, timeout_s=timeout))
     console.print(_server_table(result.servers))
     if result.topics:
         console.print(_topic_table(result.topics))
@@ -93,7 +103,7 @@ def stack_down(
     root: StackDir = stack.DEFAULT_STACK_DIR,
 ) -> None:
     """Stop the servers this stack started (by their pid files)."""
-    stopped = stack.down(root, purge=purge, report=_say)
+    stopped = stack.down(root, purge=purge, report=say)
     console.print(f"stopped {len(stopped)} server(s)" if stopped else "nothing was running")
 
 
@@ -117,7 +127,7 @@ def topics_create() -> None:
 
 
 def main() -> None:
-    """Entry point of the `iotgw` script: an IotgwError is one line on stderr, not a traceback."""
+    """Entry point of the `iotgw` script."""
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
@@ -128,9 +138,5 @@ def main() -> None:
         logging.getLogger(client).setLevel(logging.CRITICAL)
     try:
         app()
-    except IotgwError as exc:
-        for line in str(exc).splitlines():
-            errors.print(f"iotgw: error: {line}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

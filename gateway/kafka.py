@@ -16,8 +16,10 @@ from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
 
-# Kafka's error code for a topic that exists already; creating topics is idempotent.
+# Kafka's error codes: a topic that exists already (creating topics is idempotent),
+# and one that does not exist.
 _TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
 
 
 def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -45,7 +47,9 @@ async def kafka_admin(bootstrap: str, timeout_s: float) -> AsyncIterator[AIOKafk
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaError, OSError, TimeoutError) as exc:
         await admin.close()
-        raise IotgwError(f"Kafka is unreachable at {bootstrap}: {_describe(exc)}") from None
+        raise IotgwError(
+            f"Kafka is unreachable at {bootstrap}: {describe_kafka_error(exc)}"
+        ) from None
     try:
         yield admin
     finally:
@@ -57,6 +61,49 @@ async def broker_ids(bootstrap: str, timeout_s: float) -> list[int]:
     async with kafka_admin(bootstrap, timeout_s) as admin:
         cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
     return sorted(int(broker["node_id"]) for broker in cluster["brokers"])
+
+
+async def topic_partitions(bootstrap: str, topic: str, timeout_s: float) -> list[int]:
+    """The partition ids of `topic`; IotgwError naming `iotgw topics create` if it is missing."""
+    async with kafka_admin(bootstrap, timeout_s) as admin:
+        described = await _await_leaders(admin, [topic], timeout_s, missing_is_error=True)
+    return sorted(int(p["partition"]) for p in described[topic]["partitions"])
+
+
+async def _await_leaders(
+    admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float, *, missing_is_error: bool
+) -> dict[str, Any]:
+    """Describe `topics` once every partition has a leader.
+
+    Just after creation a topic may still be unknown to the broker's metadata or lack
+    leaders, so the creator waits (`missing_is_error=False`); a reader fails at once.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            described = await asyncio.wait_for(admin.describe_topics(topics), timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise IotgwError(f"describing topics failed: {describe_kafka_error(exc)}") from None
+        by_name = {t["topic"]: t for t in described}
+        missing = [t for t in topics if by_name.get(t, {}).get("error_code") == _UNKNOWN_TOPIC]
+        if missing and missing_is_error:
+            raise IotgwError(
+                f"Kafka has no topic {missing[0]}: create it with `iotgw topics create`"
+            )
+        if all(_has_leaders(by_name.get(t)) for t in topics):
+            return by_name
+        if asyncio.get_running_loop().time() > deadline:
+            raise IotgwError(f"topics {', '.join(topics)} have no leader after {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+def _has_leaders(described: dict[str, Any] | None) -> bool:
+    return (
+        described is not None
+        and described["error_code"] == 0
+        and bool(described["partitions"])
+        and all(p["leader"] >= 0 for p in described["partitions"])
+    )
 
 
 @dataclass(frozen=True)
@@ -92,18 +139,24 @@ async def ensure_topics(settings: Settings) -> list[TopicResult]:
                 settings.timeout_s,
             )
         except (KafkaError, TimeoutError) as exc:
-            raise IotgwError(f"creating topics failed: {_describe(exc)}") from None
-    errors = {topic: (code, message) for topic, code, message in response.topic_errors}
-    results = []
-    for spec in specs:
-        code, message = errors.get(spec.name, (0, None))
-        if code not in (0, _TOPIC_ALREADY_EXISTS):
-            raise IotgwError(f"creating topic {spec.name} failed: {message or f'error {code}'}")
-        results.append(TopicResult(spec.name, spec.partitions, replication, created=code == 0))
-    return results
+            raise IotgwError(f"creating topics failed: {describe_kafka_error(exc)}") from None
+        errors = {topic: (code, message) for topic, code, message in response.topic_errors}
+        failed = [(t, m, c) for t, (c, m) in errors.items() if c not in (0, _TOPIC_ALREADY_EXISTS)]
+        if failed:
+            topic, message, code = failed[0]
+            raise IotgwError(f"creating topic {topic} failed: {message or f'error {code}'}")
+        # Return only once the topics are usable, so the next command can rely on them.
+        await _await_leaders(
+            admin, [spec.name for spec in specs], settings.timeout_s, missing_is_error=False
+        )
+    return [
+        TopicResult(s.name, s.partitions, replication, created=errors.get(s.name, (0, ""))[0] == 0)
+        for s in specs
+    ]
 
 
-def _describe(exc: BaseException) -> str:
+def describe_kafka_error(exc: BaseException) -> str:
+    """A short reason for a Kafka failure, fit for a one-line error."""
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, KafkaConnectionError):

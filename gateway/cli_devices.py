@@ -1,0 +1,252 @@
+"""`iotgw devices ...`: register, list, show, enable, disable, remove and import devices."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.table import Table
+
+from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
+from gateway.errors import IotgwError
+from gateway.registry import DeviceRegistry, RegistryWriter
+from gateway.settings import Settings, load_settings
+from gateway.terminal import console, errors
+from schemas import Device
+
+devices_app = typer.Typer(
+    help="The device registry (Kafka topic iot.devices).", no_args_is_help=True
+)
+
+T = TypeVar("T")
+
+DeviceIdArg = Annotated[str, typer.Argument(metavar="ID", help="The device id.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _run_with_registry(work: Callable[[Settings, DeviceRegistry], Awaitable[T]]) -> T:
+    """Load the registry to its end, then run `work` with it."""
+    settings = load_settings()
+
+    async def main() -> T:
+        async with DeviceRegistry(settings) as registry:
+            return await work(settings, registry)
+
+    return asyncio.run(main())
+
+
+def _existing(registry: DeviceRegistry, device_id: str) -> Device:
+    device = registry.get(device_id)
+    if device is None:
+        raise IotgwError(f"device {device_id} is not registered")
+    return device
+
+
+def _time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _device_table(devices: list[Device]) -> Table:
+    table = Table("device_id", "type", "name", "site", "room", "enabled", "registered")
+    for d in devices:
+        table.add_row(
+            d.device_id,
+            d.type.value,
+            d.name or "",
+            d.site or "",
+            d.room or "",
+            "yes" if d.enabled else "[red]no[/red]",
+            _time(d.registered_at),
+        )
+    return table
+
+
+def _print_json(value: object) -> None:
+    # Plain print: JSON for scripts must not be wrapped or highlighted.
+    print(json.dumps(value, ensure_ascii=False))
+
+
+@devices_app.command("register")
+def register(
+    device_id: DeviceIdArg,
+    device_type: Annotated[
+        str, typer.Option("--type", help="thermostat, air_quality, motion, contact, smart_plug.")
+    ],
+    name: Annotated[str | None, typer.Option(help="A name people know it by.")] = None,
+    site: Annotated[str | None, typer.Option(help="The building or home.")] = None,
+    room: Annotated[str | None, typer.Option(help="The room.")] = None,
+    update: Annotated[bool, typer.Option(help="Change a device that is registered.")] = False,
+) -> None:
+    """Register a device (or change one with --update)."""
+    try:
+        device = build_device(
+            device_id, device_type, registered_at=_now_ms(), name=name, site=site, room=room
+        )
+    except DeviceInputError as exc:
+        raise IotgwError(str(exc), exit_code=2) from None
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> str:
+        old = registry.get(device_id)
+        if old is not None and not update:
+            raise IotgwError(f"device {device_id} is already registered; use --update to change it")
+        new = device
+        if old is not None:
+            given = {"name": name, "site": site, "room": room}
+            new = old.model_copy(
+                update={"type": device.type}
+                | {k: getattr(device, k) for k, v in given.items() if v}
+            )
+        async with RegistryWriter(settings) as writer:
+            await writer.put(new)
+        return "updated" if old is not None else "registered"
+
+    done = _run_with_registry(work)
+    console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
+
+
+@devices_app.command("list")
+def list_devices(
+    device_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
+    site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List registered devices, sorted by id."""
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> list[Device]:
+        return sorted(
+            (
+                d
+                for d in registry
+                if (device_type is None or d.type.value == device_type)
+                and (site is None or d.site == site)
+            ),
+            key=lambda d: d.device_id,
+        )
+
+    devices = _run_with_registry(work)
+    if as_json:
+        _print_json([d.model_dump(mode="json") for d in devices])
+    elif devices:
+        console.print(_device_table(devices))
+        console.print(f"{len(devices)} device(s)")
+    else:
+        console.print("no devices")
+
+
+@devices_app.command("show")
+def show(device_id: DeviceIdArg, as_json: JsonOption = False) -> None:
+    """Show one device."""
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> Device:
+        return _existing(registry, device_id)
+
+    device = _run_with_registry(work)
+    if as_json:
+        _print_json(device.model_dump(mode="json"))
+    else:
+        console.print(_device_table([device]))
+
+
+def _set_enabled(device_id: str, enabled: bool) -> None:
+    word = "enabled" if enabled else "disabled"
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> bool:
+        device = _existing(registry, device_id)
+        if device.enabled == enabled:
+            return False
+        async with RegistryWriter(settings) as writer:
+            await writer.put(device.model_copy(update={"enabled": enabled}))
+        return True
+
+    changed = _run_with_registry(work)
+    console.print(f"{word} {device_id}" if changed else f"{device_id} was already {word}")
+
+
+@devices_app.command("enable")
+def enable(device_id: DeviceIdArg) -> None:
+    """Accept readings from a device again."""
+    _set_enabled(device_id, True)
+
+
+@devices_app.command("disable")
+def disable(device_id: DeviceIdArg) -> None:
+    """Reject a device's readings (dead letters with reason device_disabled); keep its record."""
+    _set_enabled(device_id, False)
+
+
+@devices_app.command("remove")
+def remove(device_id: DeviceIdArg) -> None:
+    """Remove a device from the registry (a tombstone on iot.devices)."""
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> None:
+        _existing(registry, device_id)
+        async with RegistryWriter(settings) as writer:
+            await writer.remove(device_id)
+
+    _run_with_registry(work)
+    console.print(f"removed {device_id}")
+
+
+@devices_app.command("import")
+def import_csv(
+    file: Annotated[
+        Path, typer.Argument(help="CSV with the header device_id,type,name,site,room.")
+    ],
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Import the good rows even if some rows are bad.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Check and report; write nothing.")] = False,
+) -> None:
+    """Register or update every device of a CSV file; nothing is written if a row is bad."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IotgwError(f"cannot read {file}: {exc}", exit_code=2) from None
+    parsed = parse_devices_csv(text, registered_at=_now_ms())
+    for problem in parsed.errors:
+        errors.print(f"{file}: {problem}", highlight=False, markup=False, soft_wrap=True)
+    if parsed.errors and not skip_invalid:
+        raise IotgwError(
+            f"nothing imported: {len(parsed.errors)} bad row(s) in {file}; "
+            "fix them or use --skip-invalid",
+            exit_code=2,
+        )
+
+    async def work(settings: Settings, registry: DeviceRegistry) -> tuple[int, int, int]:
+        new, changed, unchanged = [], [], 0
+        for device in parsed.devices:
+            old = registry.get(device.device_id)
+            if old is None:
+                new.append(device)
+                continue
+            # An import updates metadata; it keeps the first registration time and state.
+            updated = device.model_copy(
+                update={"registered_at": old.registered_at, "enabled": old.enabled}
+            )
+            if updated == old:
+                unchanged += 1
+            else:
+                changed.append(updated)
+        if not dry_run and (new or changed):
+            with console.status(f"writing {len(new) + len(changed)} device(s)"):
+                async with RegistryWriter(settings) as writer:
+                    await writer.put(*new, *changed)
+        return len(new), len(changed), unchanged
+
+    new, changed, unchanged = _run_with_registry(work)
+    verb = "would register" if dry_run else "registered"
+    console.print(
+        f"{verb} {new}, {'would update' if dry_run else 'updated'} {changed}, "
+        f"unchanged {unchanged}, invalid {len(parsed.errors)}",
+        highlight=False,
+    )

@@ -1,0 +1,117 @@
+"""Device records, the fields people type, and CSV files of devices."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
+from schemas import Device, DeviceType
+
+pytestmark = pytest.mark.unit
+
+T0 = 1_795_680_000_000
+
+
+@pytest.mark.parametrize("device_id", ["a", "thermo-kitchen", "Plug_01", "x" * 64, "9lives"])
+def test_valid_ids_are_accepted(device_id: str) -> None:
+    """Ids of DESIGN.md: a letter or digit, then up to 63 letters, digits, _ or -."""
+    assert build_device(device_id, "motion", registered_at=T0).device_id == device_id
+
+
+@pytest.mark.parametrize("device_id", ["", "-x", "_x", "x" * 65, "a b", "ü", "a/b", "a+b", "a\n"])
+def test_invalid_ids_are_refused_in_one_line(device_id: str) -> None:
+    """A bad id is named in a single-line reason."""
+    with pytest.raises(DeviceInputError, match="invalid device id") as caught:
+        build_device(device_id, "motion", registered_at=T0)
+    assert "\n" not in str(caught.value).replace(repr(device_id), "")
+
+
+def test_unknown_type_lists_the_known_ones() -> None:
+    """An unknown type is refused with the list of types to choose from."""
+    with pytest.raises(DeviceInputError, match="use one of thermostat, air_quality"):
+        build_device("d1", "toaster", registered_at=T0)
+
+
+def test_control_characters_in_labels_are_refused() -> None:
+    """Site, room and name end up as tags and table cells: one printable line only."""
+    with pytest.raises(DeviceInputError, match="invalid site"):
+        build_device("d1", "contact", registered_at=T0, site="home\nx")
+
+
+def test_record_round_trips_as_json_with_design_fields() -> None:
+    """The registry record has exactly the fields of DESIGN.md and decodes to itself."""
+    device = build_device("d1", "smart_plug", registered_at=T0, name="Kettle", room="kitchen")
+    data = device.model_dump(mode="json")
+    assert list(data) == [
+        "device_id", "type", "name", "site", "room", "enabled", "registered_at",
+    ]  # fmt: skip
+    assert data["type"] == "smart_plug"
+    assert data["site"] is None
+    assert Device.model_validate_json(device.model_dump_json()) == device
+
+
+def test_record_with_unknown_field_is_invalid() -> None:
+    """A record with a field the contract lacks is not silently accepted."""
+    with pytest.raises(ValidationError):
+        Device.model_validate(
+            {"device_id": "d1", "type": "motion", "registered_at": T0, "colour": "red"}
+        )
+
+
+def test_csv_with_good_rows_gives_devices() -> None:
+    """Every good row becomes a device; empty optional cells are None; blank lines pass."""
+    text = (
+        "device_id,type,name,site,room\n"
+        "t1,thermostat,Kitchen thermostat,home,kitchen\n"
+        "\n"
+        "m1,motion,,home,\n"
+    )
+    parsed = parse_devices_csv(text, registered_at=T0)
+    assert parsed.errors == []
+    assert [(d.device_id, d.type, d.name, d.room) for d in parsed.devices] == [
+        ("t1", DeviceType.THERMOSTAT, "Kitchen thermostat", "kitchen"),
+        ("m1", DeviceType.MOTION, None, None),
+    ]
+
+
+def test_csv_reports_every_bad_row_with_its_line() -> None:
+    """Bad id, unknown type, a repeated id and extra fields are each reported by line."""
+    text = (
+        "device_id,type,name,site,room\n"  # line 1
+        "good-1,contact,,,\n"  # 2
+        "bad id,contact,,,\n"  # 3
+        "p1,toaster,,,\n"  # 4
+        "good-1,contact,,,\n"  # 5
+        "x1,motion,a,b,c,d\n"  # 6
+        "good-2,air_quality,,,\n"  # 7
+    )
+    parsed = parse_devices_csv(text, registered_at=T0)
+    assert [d.device_id for d in parsed.devices] == ["good-1", "good-2"]
+    assert [e.split(":")[0] for e in parsed.errors] == ["line 3", "line 4", "line 5", "line 6"]
+    assert "already on line 2" in parsed.errors[2]
+
+
+def test_csv_needs_id_and_type_columns_only() -> None:
+    """A header of device_id,type suffices; a missing or unknown column is an error on line 1."""
+    assert parse_devices_csv("device_id,type\nd1,motion\n", registered_at=T0).errors == []
+    errors = parse_devices_csv("id,type,floor\nd1,motion,2\n", registered_at=T0).errors
+    assert errors == [
+        "line 1: missing column device_id, unknown column id, unknown column floor "
+        "(header: device_id,type,name,site,room)"
+    ]
+
+
+def test_register_refuses_bad_input_with_exit_2_before_any_connection() -> None:
+    """`devices register` checks id and type first: exit 2, one line, no Kafka needed."""
+    runner = CliRunner()
+    env = {"IOTGW_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    bad_id = runner.invoke(app, ["devices", "register", "no good", "--type", "motion"], env=env)
+    bad_type = runner.invoke(app, ["devices", "register", "d1", "--type", "kettle"], env=env)
+    for result in (bad_id, bad_type):
+        assert result.exit_code == 2
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert "invalid device id" in bad_id.stderr
+    assert "unknown device type 'kettle'" in bad_type.stderr
