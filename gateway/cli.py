@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +15,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from gateway import stack
+from gateway.bridge import Bridge
 from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
@@ -43,9 +46,11 @@ stack_app = typer.Typer(
     no_args_is_help=True,
 )
 topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+run_app = typer.Typer(help="Run iotgw's services in the foreground.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(devices_app, name="devices")
+app.add_typer(run_app, name="run")
 
 StackDir = Annotated[
     Path, typer.Option("--dir", help="Folder of the stack's configs, data, logs and pid files.")
@@ -124,6 +129,31 @@ def topics_create() -> None:
     """Create iotgw's topics on the configured Kafka; existing topics are left as they are."""
     settings = load_settings()
     console.print(_topic_table(asyncio.run(ensure_topics(settings))))
+
+
+async def _serve(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a service until SIGINT or SIGTERM, which start its graceful shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await service(stop)
+
+
+def _service_logging() -> None:
+    """Services log one key=value line an event; the clients' warnings are kept."""
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # gmqtt logs a traceback for every lost connection; the bridge logs the event itself.
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
+
+
+@run_app.command("bridge")
+def run_bridge() -> None:
+    """MQTT readings in, validated, into Kafka; each acknowledged only after Kafka did."""
+    settings = load_settings()
+    _service_logging()
+    asyncio.run(_serve(Bridge(settings).run))
 
 
 def main() -> None:

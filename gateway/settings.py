@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     mqtt_url: Annotated[SecretStr, AfterValidator(_check_mqtt_url)] = SecretStr(
         "mqtt://127.0.0.1:1883"
     )
+    # Bridges of one group split the readings between them ($share/<group>/...).
+    mqtt_share_group: str = Field(default="iotgw", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     mqtt_client_id: str = Field(
         default_factory=_default_client_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
     )
@@ -111,7 +113,17 @@ class Settings(BaseSettings):
     readings_partitions: int = Field(default=6, ge=1, le=10_000)
     require_registration: bool = True
     rules_file: Path = Path("rules.yaml")
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # 0 takes any free port (tests run several services in one process).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Bridge: how many MQTT messages may await Kafka at once. It is the MQTT 5 receive
+    # maximum, so the broker stops sending (and keeps the backlog) when it is reached.
+    max_in_flight: int = Field(default=1000, ge=1, le=65535)
+    rate_limit_per_s: float = Field(default=100.0, gt=0)
+    rate_limit_burst: int = Field(default=2000, ge=1)
+    max_reading_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    # How long the broker keeps the bridge's session (and queues readings) while it is away.
+    mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
     # How long a command waits for a service before it gives up with one line.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
 
@@ -125,7 +137,9 @@ class Settings(BaseSettings):
         return parse_mqtt_url(self.mqtt_url.get_secret_value())
 
     def metrics_port_for(self, service: Service) -> int:
-        return self.metrics_port or DEFAULT_METRICS_PORTS[service]
+        if self.metrics_port is None:
+            return DEFAULT_METRICS_PORTS[service]
+        return self.metrics_port
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,119 @@
+"""Prometheus metrics and the `/healthz` and `/readyz` endpoints of a service."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import IotgwError
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class BridgeMetrics:
+    """The bridge's metrics, in a registry of their own (several bridges may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "iotgw_bridge_messages_received", "MQTT messages received", registry=r
+        )
+        self.readings = Counter(
+            "iotgw_bridge_readings_received", "readings received (a batch counts each)", registry=r
+        )
+        self.published = Counter(
+            "iotgw_bridge_readings_published", "readings acknowledged by Kafka", registry=r
+        )
+        self.rejected = Counter(
+            "iotgw_bridge_readings_rejected",
+            "readings sent to the dead-letter topic (acknowledged by Kafka), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "iotgw_bridge_in_flight",
+            "MQTT messages awaiting Kafka, not yet acknowledged",
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "iotgw_bridge_kafka_publish_seconds",
+            "time from receiving a message to Kafka acknowledging all its records",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.backlog_age = Gauge(
+            "iotgw_bridge_backlog_age_seconds",
+            "age (device time) of the newest reading published; large while a backlog drains",
+            registry=r,
+        )
+        self.kafka_retries = Counter(
+            "iotgw_bridge_kafka_retries", "records sent to Kafka again after a failure", registry=r
+        )
+        self.redeliveries = Counter(
+            "iotgw_bridge_unacknowledged_after_reconnect",
+            "messages finished after their MQTT connection was lost; the broker sends them again",
+            registry=r,
+        )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log."""
+
+
+class HealthServer:
+    """Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (its parts are up).
+
+    `checks` returns each part's readiness, e.g. {"mqtt": True, "kafka": True, ...};
+    `/readyz` answers 200 when all are true, else 503, with the parts as JSON.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        checks: Callable[[], dict[str, bool]],
+    ) -> None:
+        self._registry = registry
+        self._checks = checks
+        try:
+            self._server: WSGIServer = make_server(
+                host, port, self._app, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            raise IotgwError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [generate_latest(self._registry)]
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            parts = self._checks()
+            status = "200 OK" if all(parts.values()) else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(parts).encode() + b"\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"try /metrics, /healthz or /readyz\n"]
