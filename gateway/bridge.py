@@ -218,10 +218,13 @@ class Bridge:
             self._accepting = True
             await self._connect()
             log.info(
-                "event=bridge_started client_id=%s subscription=%s max_in_flight=%d",
+                "event=bridge_started client_id=%s subscription=%s max_in_flight=%d "
+                "metrics=http://%s:%d/metrics",
                 self.settings.mqtt_client_id,
                 self.subscription,
                 self.settings.max_in_flight,
+                self.settings.metrics_host,
+                self.health.port,
             )
             await stop.wait()
         finally:

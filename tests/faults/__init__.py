@@ -1,0 +1,1 @@
+"""Kills and outages of real servers and of iotgw's own processes."""
