@@ -27,11 +27,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 
-from gateway.kafka import ensure_topics, kafka_admin
+from gateway.kafka import ensure_topics, kafka_admin, topic_partitions
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
@@ -94,29 +94,48 @@ class Fleet:
                 await asyncio.sleep(0)
 
 
-async def count_until(settings: Settings, total: int, timeout_s: float) -> dict[Any, float]:
-    """Consume iot.readings until `total` distinct readings; their arrival times."""
-    consumer = AIOKafkaConsumer(
-        Topics(settings.topic_prefix).readings,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=5,
-    )
-    await consumer.start()
-    arrived: dict[Any, float] = {}
-    try:
-        async with asyncio.timeout(timeout_s):
-            while len(arrived) < total:
-                batches = await consumer.getmany(timeout_ms=50)
-                now = time.perf_counter()
-                for records in batches.values():
-                    for record in records:
-                        value = json.loads(record.value)
-                        arrived.setdefault((value["device_id"], value["seq"]), now)
-    finally:
-        await consumer.stop()
-    return arrived
+class ReadingsWatch:
+    """Consumes iot.readings and notes when each (device, seq) first became readable."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.arrived: dict[Any, float] = {}
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+        )
+
+    async def start(self, *, from_end: bool) -> None:
+        """Start reading; `from_end` skips what the topic already holds."""
+        await self._consumer.start()
+        topic = Topics(self.settings.topic_prefix).readings
+        partitions = [TopicPartition(topic, p) for p in await topic_ids(self.settings, topic)]
+        self._consumer.assign(partitions)
+        if from_end:
+            await self._consumer.seek_to_end(*partitions)
+            for partition in partitions:
+                await self._consumer.position(partition)
+        else:
+            await self._consumer.seek_to_beginning(*partitions)
+
+    async def until(self, total: int, timeout_s: float) -> dict[Any, float]:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(self.arrived) < total:
+                    batches = await self._consumer.getmany(timeout_ms=50)
+                    now = time.perf_counter()
+                    for records in batches.values():
+                        for record in records:
+                            value = json.loads(record.value)
+                            self.arrived.setdefault((value["device_id"], value["seq"]), now)
+        finally:
+            await self._consumer.stop()
+        return self.arrived
+
+
+async def topic_ids(settings: Settings, topic: str) -> list[int]:
+    return await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
 
 
 def start_bridges(settings: Settings, count: int, logs: Path) -> list[subprocess.Popen[bytes]]:
@@ -191,9 +210,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         stop(bridges)
         async with Fleet(settings, devices) as fleet:
             await fleet.run(args.readings, None)
+        watch = ReadingsWatch(settings)
+        await watch.start(from_end=False)
         started = time.perf_counter()
         bridges = start_bridges(settings, args.bridges, logs)
-        await count_until(settings, args.readings, 600)
+        await watch.until(args.readings, 600)
         drain_s = time.perf_counter() - started
         cpu = sum(cpu_seconds(p.pid) for p in bridges)
         result["drain"] = {
@@ -207,8 +228,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for rate in args.rates:
             total = int(rate * args.seconds)
             first_seq = args.readings // len(devices) + 1
+            watch = ReadingsWatch(settings)
+            await watch.start(from_end=True)
             async with Fleet(settings, devices) as fleet:
-                counting = asyncio.create_task(count_until(settings, args.readings + total, 300))
+                counting = asyncio.create_task(watch.until(total, 300))
                 await fleet.run(total, rate, first_seq)
                 arrived = await counting
             latencies = sorted(
