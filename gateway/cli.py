@@ -21,6 +21,7 @@ from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
 from gateway.settings import load_settings
 from gateway.terminal import console, print_error, say
+from gateway.writer import Writer
 
 
 class _OneLineErrors(TyperGroup):
@@ -154,6 +155,14 @@ def run_bridge() -> None:
     settings = load_settings()
     _service_logging()
     asyncio.run(_serve(Bridge(settings).run))
+
+
+@run_app.command("writer")
+def run_writer() -> None:
+    """Readings, alerts and dead letters from Kafka into InfluxDB, in batches."""
+    settings = load_settings()
+    _service_logging()
+    asyncio.run(_serve(Writer(settings).run))
 
 
 def main() -> None:

@@ -63,6 +63,43 @@ class BridgeMetrics:
         )
 
 
+class WriterMetrics:
+    """The writer's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.points = Counter(
+            "iotgw_writer_points_written", "points InfluxDB accepted, by measurement kind",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.batches = Counter(
+            "iotgw_writer_batches_written", "write requests accepted", registry=r
+        )
+        self.write_seconds = Histogram(
+            "iotgw_writer_write_seconds",
+            "duration of one successful write request to InfluxDB",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.retries = Counter(
+            "iotgw_writer_retries", "write requests retried after a 5xx, 429 or no answer",
+            registry=r,
+        )  # fmt: skip
+        self.dead_letters = Counter(
+            "iotgw_writer_dead_letters", "records sent to the dead-letter topic, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.lag = Gauge(
+            "iotgw_writer_consumer_lag", "records in Kafka not yet written (all partitions)",
+            registry=r,
+        )  # fmt: skip
+        self.paused = Gauge(
+            "iotgw_writer_paused", "1 while consumption is paused because InfluxDB fails",
+            registry=r,
+        )  # fmt: skip
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the log."""

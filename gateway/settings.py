@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=1000, ge=1, le=65535)
     rate_limit_per_s: float = Field(default=100.0, gt=0)
     rate_limit_burst: int = Field(default=2000, ge=1)
+    writer_group: str = Field(default="iotgw-writer", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    # Writer: a batch is written when it holds this many points or is this old.
+    writer_batch_size: int = Field(default=5000, ge=1, le=100_000)
+    writer_flush_interval_s: float = Field(default=1.0, gt=0, le=60)
     max_reading_age_s: float = Field(default=7 * 24 * 3600, gt=0)
     # How long the broker keeps the bridge's session (and queues readings) while it is away.
     mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)

@@ -1,0 +1,414 @@
+"""The time-series writer: readings, alerts and dead letters from Kafka into InfluxDB."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from gateway.errors import IotgwError
+from gateway.kafka import create_producer, describe_kafka_error
+from gateway.lineprotocol import LineProtocolError, point, series_key
+from gateway.observability import HealthServer, WriterMetrics
+from gateway.registry import DeviceRegistry
+from gateway.settings import Settings
+from gateway.topics import Topics
+from schemas import Device
+
+log = logging.getLogger(__name__)
+
+INFLUX_REJECTED = "influx_rejected"
+_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+# How often the writer records its own lag and progress in InfluxDB (for the dashboards).
+_STATS_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A Kafka record as a line of line protocol."""
+
+    record: Any
+    line: str
+    kind: str  # readings, alerts, rejected
+
+
+class PointEncoder:
+    """Turns records of iot.readings, iot.alerts and iot.readings.dlq into points.
+
+    - readings: measurement = the device type; tags device_id, site, room (from the
+      registry); fields = the metrics, plus `seq` (integer) when the reading has one;
+      time = the device's `ts`.
+    - alerts: measurement `alerts`; tags rule, device_id, state, site, room; fields
+      value (a float; booleans as 1.0/0.0) and message; time = the alert's `ts`.
+    - dead letters: measurement `rejected`; tags reason, device_id; fields detail and
+      bytes; time = when the bridge received it.
+    """
+
+    def __init__(self, topics: Topics, lookup: Any) -> None:
+        self._topics = topics
+        self._lookup = lookup
+        self._series: dict[tuple[str, str, str | None, str | None], str] = {}
+
+    def encode(self, record: Any) -> Encoded:
+        """One point, or LineProtocolError / ValueError when the record cannot be one."""
+        if record.topic == self._topics.readings:
+            return Encoded(record, self._reading(record.value), "readings")
+        if record.topic == self._topics.alerts:
+            return Encoded(record, self._alert(record.value), "alerts")
+        return Encoded(record, self._rejected(record), "rejected")
+
+    def _tags(self, device_id: str) -> tuple[str | None, str | None]:
+        device: Device | None = self._lookup(device_id)
+        return (device.site, device.room) if device is not None else (None, None)
+
+    def _reading(self, value: bytes) -> str:
+        reading = json.loads(value)
+        device_id, measurement = reading["device_id"], reading["type"]
+        site, room = self._tags(device_id)
+        cache_key = (measurement, device_id, site, room)
+        series = self._series.get(cache_key)
+        if series is None:
+            series = series_key(measurement, {"device_id": device_id, "site": site, "room": room})
+            self._series[cache_key] = series
+        fields: dict[str, Any] = dict(reading["metrics"])
+        if reading.get("seq") is not None:
+            fields["seq"] = int(reading["seq"])
+        return point(series, fields, reading["ts"])
+
+    def _alert(self, value: bytes) -> str:
+        alert = json.loads(value)
+        site, room = self._tags(alert["device_id"])
+        tags = {
+            "rule": alert["rule"],
+            "device_id": alert["device_id"],
+            "state": alert["state"],
+            "site": site,
+            "room": room,
+        }
+        fields: dict[str, Any] = {"message": str(alert.get("message") or "")}
+        number = alert.get("value")
+        if isinstance(number, bool):
+            fields["value"] = 1.0 if number else 0.0
+        elif isinstance(number, int | float):
+            fields["value"] = float(number)
+        return point(series_key("alerts", tags), fields, alert["ts"])
+
+    def _rejected(self, record: Any) -> str:
+        headers = {key: value.decode(errors="replace") for key, value in record.headers}
+        tags = {
+            "reason": headers.get("error", "unknown"),
+            "device_id": record.key.decode(errors="replace") if record.key else None,
+        }
+        fields = {"detail": headers.get("detail", ""), "bytes": len(record.value or b"")}
+        received_at = int(headers.get("received_at") or record.timestamp)
+        return point(series_key("rejected", tags), fields, received_at)
+
+
+class _Stopped(Exception):  # noqa: N818 - control flow
+    """Shutdown was asked for while a batch could not be written; it is not committed."""
+
+
+class WriteRejected(Exception):  # noqa: N818 - an outcome, carried to the caller
+    """InfluxDB refused the points with a 4xx; its message says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Writer:
+    """`iotgw run writer`: consumer group `iotgw-writer`, batches into InfluxDB `/write`.
+
+    A batch is written when it holds `writer_batch_size` points or is
+    `writer_flush_interval_s` old. Offsets are committed only after InfluxDB answered 2xx
+    for every record before them. On 5xx, 429, timeouts or no connection the same batch is
+    retried with capped exponential backoff while consumption is paused. A point refused
+    with a 4xx goes to the dead-letter topic (`influx_rejected`); the rest is written.
+    Replays are harmless: a point with the same series and time is overwritten.
+    """
+
+    def __init__(self, settings: Settings, metrics: WriterMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or WriterMetrics()
+        self.topics = Topics(settings.topic_prefix)
+        self.registry = DeviceRegistry(settings)
+        self.encoder = PointEncoder(self.topics, self.registry.get)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._http = httpx.AsyncClient(
+            base_url=str(settings.influx_url), timeout=settings.timeout_s
+        )
+        self._influx_ok = False
+        self._buffer: list[Any] = []
+        self._written = 0
+        self._lag = 0
+        self._last_stats = 0.0
+        self._stop = asyncio.Event()
+        self.health: HealthServer | None = None
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "kafka": self._consumer is not None,
+            "influxdb": self._influx_ok,
+            "registry": self.registry.ready.is_set(),
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self.health = HealthServer(
+            self.settings.metrics_host,
+            self.settings.metrics_port_for("writer"),
+            self.metrics.registry,
+            self.readiness,
+        )
+        self.health.start()
+        try:
+            await self.registry.start()
+            await self._ensure_database()
+            self._producer = await self._start(create_producer(self.settings))
+            self._consumer = await self._start(
+                AIOKafkaConsumer(
+                    self.topics.readings,
+                    self.topics.alerts,
+                    self.topics.dead_letters,
+                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    group_id=self.settings.writer_group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_poll_records=self.settings.writer_batch_size,
+                    request_timeout_ms=int(self.settings.timeout_s * 1000) + 30_000,
+                )
+            )
+            log.info(
+                "event=writer_started group=%s influx=%s db=%s batch=%d flush_s=%s "
+                "metrics=http://%s:%d/metrics",
+                self.settings.writer_group,
+                self.settings.influx_url,
+                self.settings.influx_db,
+                self.settings.writer_batch_size,
+                self.settings.writer_flush_interval_s,
+                self.settings.metrics_host,
+                self.health.port,
+            )
+            await self._consume(self._consumer, stop)
+        except _Stopped:
+            log.warning("event=stopped_while_influx_failing uncommitted_records_are_read_again")
+        finally:
+            await self._shutdown()
+
+    async def _start(self, client: Any) -> Any:
+        try:
+            await asyncio.wait_for(client.start(), self.settings.timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await client.stop()
+            raise IotgwError(
+                f"Kafka is unreachable at {self.settings.kafka_bootstrap}: "
+                f"{describe_kafka_error(exc)}"
+            ) from None
+        return client
+
+    async def _ensure_database(self) -> None:
+        """Create the database (idempotent), waiting while InfluxDB does not answer."""
+        query = {"q": f'CREATE DATABASE "{self.settings.influx_db}"'}
+        for attempt in range(1_000_000):
+            try:
+                response = await self._http.post("/query", params=query)
+                if response.status_code == 200:
+                    self._influx_ok = True
+                    return
+                reason = f"HTTP {response.status_code}: {response.text.strip()[:200]}"
+                if response.status_code < 500:
+                    raise IotgwError(f"InfluxDB refused to create the database: {reason}")
+            except httpx.HTTPError as exc:
+                reason = str(exc) or type(exc).__name__
+            delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            log.warning("event=influx_unavailable error=%s retry_in_s=%s", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        flush_s = self.settings.writer_flush_interval_s
+        size = self.settings.writer_batch_size
+        first_at = 0.0
+        while not stop.is_set():
+            wait_ms = (
+                flush_s * 1000
+                if not self._buffer
+                else max(0, (first_at + flush_s - time.monotonic()) * 1000)
+            )
+            batches = await consumer.getmany(
+                timeout_ms=int(wait_ms), max_records=size - len(self._buffer)
+            )
+            for records in batches.values():
+                if records and not self._buffer:
+                    first_at = time.monotonic()
+                self._buffer.extend(records)
+            await self._update_lag(consumer)
+            if self._buffer and (
+                len(self._buffer) >= size or time.monotonic() - first_at >= flush_s
+            ):
+                await self._flush(consumer)
+            await self._maybe_write_stats()
+        if self._buffer:
+            await self._flush(consumer)
+
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        lag = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag += max(0, highwater - await consumer.position(tp))
+        self._lag = lag
+        self.metrics.lag.set(lag)
+
+    async def _flush(self, consumer: AIOKafkaConsumer) -> None:
+        """Write the buffer (retrying, bisecting 4xx), dead-letter refusals, commit offsets."""
+        records, self._buffer = self._buffer, []
+        encoded: list[Encoded] = []
+        for record in records:
+            try:
+                encoded.append(self.encoder.encode(record))
+            except (LineProtocolError, ValueError, KeyError, TypeError) as exc:
+                await self._dead_letter(record, "malformed", f"cannot be a point: {exc}")
+        await self._write(consumer, encoded)
+        offsets: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance gave the partitions to another writer, which reads them again
+            # from the last commit: rewriting the same points is harmless.
+            log.warning("event=commit_failed error=%s", describe_kafka_error(exc))
+
+    async def _write(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
+        if not points:
+            return
+        try:
+            await self._post(consumer, points)
+        except WriteRejected as exc:
+            if len(points) == 1:
+                await self._refused(points[0], str(exc))
+                return
+            # Find the refused points by halves; points written twice are overwritten.
+            middle = len(points) // 2
+            await self._write(consumer, points[:middle])
+            await self._write(consumer, points[middle:])
+
+    async def _post(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
+        """POST the points until InfluxDB answers 2xx (returns) or 4xx (WriteRejected)."""
+        body = "\n".join(p.line for p in points).encode()
+        params = {"db": self.settings.influx_db, "precision": "ms"}
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                response = await self._http.post("/write", params=params, content=body)
+                status, reason = response.status_code, _influx_error(response)
+            except httpx.HTTPError as exc:
+                status, reason = 0, str(exc) or type(exc).__name__
+            if 200 <= status < 300:
+                self._influx_ok = True
+                self.metrics.write_seconds.observe(time.monotonic() - started)
+                self.metrics.batches.inc()
+                for p in points:
+                    self.metrics.points.labels(p.kind).inc()
+                self._written += len(points)
+                if attempt:
+                    consumer.resume(*consumer.assignment())
+                    self.metrics.paused.set(0)
+                    log.info("event=influx_recovered attempts=%d", attempt)
+                return
+            if 400 <= status < 500 and status != 429:
+                raise WriteRejected(status, reason)
+            self._influx_ok = False
+            delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            log.warning(
+                "event=influx_write_failed status=%s error=%s points=%d retry_in_s=%s",
+                status or "none", reason[:200], len(points), delay,
+            )  # fmt: skip
+            self.metrics.retries.inc()
+            if self._stop.is_set():
+                raise _Stopped
+            # Pause fetching, but keep polling so the group does not drop this writer.
+            consumer.pause(*consumer.assignment())
+            self.metrics.paused.set(1)
+            await consumer.getmany(timeout_ms=int(delay * 1000))
+            attempt += 1
+
+    async def _refused(self, refused: Encoded, reason: str) -> None:
+        record = refused.record
+        if record.topic == self.topics.dead_letters:
+            # A dead letter's own point was refused: log it, never loop it back.
+            log.error("event=rejected_point_refused offset=%d error=%s", record.offset, reason)
+            return
+        await self._dead_letter(record, INFLUX_REJECTED, reason)
+
+    async def _dead_letter(self, record: Any, reason: str, detail: str) -> None:
+        assert self._producer is not None
+        device_id = record.key.decode(errors="replace") if record.key else ""
+        headers = [
+            ("error", reason.encode()),
+            ("detail", detail[:300].encode()),
+            ("mqtt_topic", f"devices/{device_id}/telemetry".encode()),
+            ("received_at", str(time.time_ns() // 1_000_000).encode()),
+            ("source_topic", record.topic.encode()),
+        ]
+        await self._producer.send_and_wait(
+            self.topics.dead_letters, record.value, key=record.key, headers=headers
+        )
+        self.metrics.dead_letters.labels(reason).inc()
+        log.warning(
+            "event=dead_letter reason=%s device_id=%s detail=%s", reason, device_id, detail[:200]
+        )
+
+    async def _maybe_write_stats(self) -> None:
+        """Record lag and progress in InfluxDB, for the fleet dashboard."""
+        now = time.monotonic()
+        if now - self._last_stats < _STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        line = point(
+            series_key(
+                "iotgw_writer", {"host": socket.gethostname(), "group": self.settings.writer_group}
+            ),
+            {"lag": self._lag, "points_written": self._written},
+            time.time_ns() // 1_000_000,
+        )
+        with contextlib.suppress(httpx.HTTPError):
+            await self._http.post(
+                "/write",
+                params={"db": self.settings.influx_db, "precision": "ms"},
+                content=line.encode(),
+            )
+
+    async def _shutdown(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await asyncio.wait_for(self._consumer.stop(), 5)
+            self._consumer = None
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await asyncio.wait_for(self._producer.stop(), 5)
+            self._producer = None
+        await self.registry.stop()
+        await self._http.aclose()
+        if self.health is not None:
+            self.health.stop()
+        log.info("event=writer_stopped points_written=%d", self._written)
+
+
+def _influx_error(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text)).strip()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
