@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 
 from gateway.bridge import Bridge
-from gateway.kafka import ensure_topics
+from gateway.influx import InfluxClient
+from gateway.kafka import create_producer, ensure_topics
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
+from gateway.writer import Writer
 from schemas import Device
 from tests.conftest import unique
 
@@ -35,18 +37,23 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str = "co
 
 
 async def own_settings(base: Settings, **overrides: Any) -> Settings:
-    """Settings with this test's own topics, share group and bridge client id."""
+    """Settings with this test's own topics, share group, client id, group and database."""
     own = base.model_copy(
         update={
             "topic_prefix": unique("t").replace("-", ""),
             "mqtt_share_group": unique("g"),
             "mqtt_client_id": unique("bridge"),
+            "writer_group": unique("writer"),
+            "influx_db": unique("db").replace("-", "_"),
             "mqtt_session_expiry_s": 300,
             "metrics_port": 0,
             **overrides,
         }
     )
     await ensure_topics(own)
+    async with InfluxClient(str(own.influx_url)) as influx:
+        if await influx.ping():
+            await influx.create_database(own.influx_db)
     return own
 
 
@@ -133,20 +140,87 @@ class TopicReader:
         await until(lambda: len(self.records) >= count, timeout_s, f"{count} records")
 
 
+class Service(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    def readiness(self) -> dict[str, bool]: ...
+
+
+S = TypeVar("S", bound=Service)
+
+
 @asynccontextmanager
-async def running_bridge(settings: Settings) -> AsyncIterator[Bridge]:
-    """A bridge in this process, ready (MQTT, Kafka, registry), stopped gracefully after."""
-    bridge = Bridge(settings)
+async def running(service: S) -> AsyncIterator[S]:
+    """A service in this process, ready (all its parts up), stopped gracefully after."""
     stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
+    task = asyncio.create_task(service.run(stop))
     try:
-        await until(lambda: task.done() or all(bridge.readiness().values()), 30, "bridge ready")
+        await until(lambda: task.done() or all(service.readiness().values()), 30, "ready")
         if task.done():
             task.result()
-        yield bridge
+        yield service
     finally:
         stop.set()
         await task
+
+
+def running_bridge(settings: Settings) -> AbstractAsyncContextManager[Bridge]:
+    return running(Bridge(settings))
+
+
+def running_writer(settings: Settings) -> AbstractAsyncContextManager[Writer]:
+    return running(Writer(settings))
+
+
+async def produce(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes | None, bytes]]
+) -> None:
+    """Write records (key, value) to a topic and wait for Kafka's acknowledgements."""
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def influx_rows(settings: Settings, query: str) -> list[list[Any]]:
+    """The rows of every series an InfluxQL query returns from the settings' database."""
+    async with InfluxClient(str(settings.influx_url)) as influx:
+        results = await influx.query(query, db=settings.influx_db)
+    return [
+        row for result in results for series in result.get("series", []) for row in series["values"]
+    ]
+
+
+async def influx_count(settings: Settings, measurement: str, field: str = "seq") -> int:
+    rows = await influx_rows(settings, f'SELECT count("{field}") FROM "{measurement}"')
+    return int(rows[0][1]) if rows else 0
+
+
+async def until_points(
+    settings: Settings, measurement: str, count: int, timeout_s: float = 60, field: str = "seq"
+) -> None:
+    """Wait until InfluxDB holds `count` points of `measurement` (by a field every point has)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := await influx_count(settings, measurement, field)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{measurement}: {found} of {count} points in InfluxDB")
+        await asyncio.sleep(0.2)
+
+
+def canonical(device_id: str, device_type: str, seq: int, ts: int, **metrics: Any) -> bytes:
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "type": device_type,
+            "ts": ts,
+            "seq": seq,
+            "metrics": metrics,
+            "received_at": ts + 5,
+        }
+    ).encode()
 
 
 async def forget_session(settings: Settings) -> None:

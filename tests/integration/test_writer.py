@@ -1,0 +1,187 @@
+"""The writer against real Kafka and InfluxDB: points, replays, refusals, alerts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway.influx import InfluxClient
+from gateway.kafka import topic_partitions
+from gateway.settings import Settings
+from gateway.topics import Topics
+from gateway.writer import Writer
+from schemas import Device, DeviceType
+from tests.conftest import unique
+from tests.support import (
+    TopicReader,
+    canonical,
+    influx_count,
+    influx_rows,
+    now_ms,
+    own_settings,
+    produce,
+    register,
+    running_writer,
+    until,
+    until_points,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def writer_settings(settings: Settings) -> Settings:
+    return await own_settings(settings, writer_flush_interval_s=0.2)
+
+
+async def test_every_reading_becomes_exactly_one_point(writer_settings: Settings) -> None:
+    """Each reading: one point in its type's measurement, registry tags, typed fields, ts."""
+    s = writer_settings
+    plug, door = unique("plug"), unique("door")
+    await register(
+        s,
+        Device(
+            device_id=plug, type=DeviceType.SMART_PLUG, registered_at=0, site="home", room="kitchen"
+        ),
+        Device(device_id=door, type=DeviceType.CONTACT, registered_at=0, site="home"),
+    )
+    t0 = now_ms() - 60_000
+    plugs = [
+        (plug.encode(), canonical(plug, "smart_plug", i, t0 + i * 10, on=True, power_w=100.0 + i))
+        for i in range(300)
+    ]
+    doors = [
+        (door.encode(), canonical(door, "contact", i, t0 + i, open=i % 2 == 0)) for i in range(200)
+    ]
+    await produce(s, Topics(s.topic_prefix).readings, plugs + doors)
+    async with running_writer(s):
+        await until_points(s, "smart_plug", 300)
+        await until_points(s, "contact", 200)
+    rows = await influx_rows(
+        s,
+        'SELECT "power_w", "on", "seq", "device_id", "site", "room" FROM "smart_plug" '
+        f'WHERE "device_id" = \'{plug}\' AND "seq" = 7',
+    )
+    assert rows == [[t0 + 70, 107.0, True, 7, plug, "home", "kitchen"]]
+    door_rows = await influx_rows(s, 'SELECT "open", "room", "site" FROM "contact" WHERE "seq" = 3')
+    assert door_rows == [[t0 + 3, False, None, "home"]]
+    assert (await influx_count(s, "smart_plug"), await influx_count(s, "contact")) == (300, 200)
+
+
+async def rewind_group(settings: Settings) -> None:
+    """Reset the writer's group to the earliest offsets, as an operator would for a replay."""
+    topics = Topics(settings.topic_prefix)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.writer_group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (topics.readings, topics.alerts, topics.dead_letters)
+            for p in await topic_partitions(settings.kafka_bootstrap, topic, 10)
+        ]
+        consumer.assign(partitions)
+        await consumer.commit(dict.fromkeys(partitions, 0))
+    finally:
+        await consumer.stop()
+
+
+async def test_replay_from_the_earliest_offset_adds_no_point(writer_settings: Settings) -> None:
+    """Reset the group to the start and run the writer again: the point count stays."""
+    s = writer_settings
+    device = unique("thermo")
+    t0 = now_ms() - 60_000
+    records = [
+        (device.encode(), canonical(device, "thermostat", i, t0 + i, temperature_c=20.0))
+        for i in range(500)
+    ]
+    await produce(s, Topics(s.topic_prefix).readings, records)
+    async with running_writer(s):
+        await until_points(s, "thermostat", 500)
+    await rewind_group(s)
+    async with running_writer(s) as again:
+        await until_points_written(again, 500)
+    assert await influx_count(s, "thermostat") == 500
+
+
+async def until_points_written(writer: Writer, count: int) -> None:
+    points = writer.metrics.points.labels("readings")
+    await until(lambda: points._value.get() >= count, 60, "points rewritten")
+
+
+async def test_refused_points_become_dead_letters_and_the_rest_is_written(
+    writer_settings: Settings,
+) -> None:
+    """InfluxDB refuses points whose field type conflicts (4xx): those go to the dead-letter
+    topic as influx_rejected; every other point of the batches is written."""
+    s = writer_settings
+    t0 = now_ms() - 60_000
+    async with InfluxClient(str(s.influx_url)) as influx:
+        await influx.create_database(s.influx_db)
+        # humidity_pct as a string: every float humidity_pct after it is a type conflict.
+        await influx.write(s.influx_db, f'air_quality,device_id=seed humidity_pct="x" {t0}')
+    good, bad = unique("thermo"), unique("aq")
+    records: list[tuple[bytes | None, bytes]] = []
+    for i in range(100):
+        records.append(
+            (good.encode(), canonical(good, "thermostat", i, t0 + i, temperature_c=21.0))
+        )
+        if i % 25 == 0:
+            records.append(
+                (bad.encode(), canonical(bad, "air_quality", i, t0 + i, humidity_pct=40.0))
+            )
+    topics = Topics(s.topic_prefix)
+    await produce(s, topics.readings, records)
+    async with (
+        TopicReader(s, topics.dead_letters) as dead,
+        running_writer(s) as writer,
+    ):
+        await until_points(s, "thermostat", 100)
+        await dead.wait_for(4)
+        await until_points(s, "rejected", 4, field="bytes")
+    refused = [(dict(r.headers), r) for r in dead.records]
+    assert len(refused) == 4
+    for headers, record in refused:
+        assert headers["error"] == b"influx_rejected"
+        assert b"conflict" in headers["detail"]
+        assert record.key == bad.encode()
+        assert json.loads(record.value)["device_id"] == bad
+    assert writer.metrics.dead_letters.labels("influx_rejected")._value.get() == 4
+    assert await influx_count(s, "thermostat") == 100
+    rejected = await influx_rows(s, 'SELECT "detail", "reason" FROM "rejected"')
+    assert {row[2] for row in rejected} == {"influx_rejected"}
+
+
+async def test_alerts_are_written_to_the_alerts_measurement(writer_settings: Settings) -> None:
+    """iot.alerts records become points of `alerts`, firing and resolved apart."""
+    s = writer_settings
+    device = unique("door")
+    await register(
+        s, Device(device_id=device, type=DeviceType.CONTACT, registered_at=0, site="flat")
+    )
+    t0 = now_ms() - 60_000
+    alerts = [
+        {"rule": "door-left-open", "device_id": device, "state": "firing", "value": True,
+         "ts": t0, "message": "open for 10m"},
+        {"rule": "door-left-open", "device_id": device, "state": "resolved", "value": False,
+         "ts": t0 + 5000, "message": "closed"},
+    ]  # fmt: skip
+    await produce(
+        s,
+        Topics(s.topic_prefix).alerts,
+        [(device.encode(), json.dumps(a).encode()) for a in alerts],
+    )
+    async with running_writer(s):
+        await until_points(s, "alerts", 2, field="message")
+    rows = await influx_rows(
+        s, 'SELECT "state", "value", "message", "rule", "site" FROM "alerts" ORDER BY time'
+    )
+    assert rows == [
+        [t0, "firing", 1.0, "open for 10m", "door-left-open", "flat"],
+        [t0 + 5000, "resolved", 0.0, "closed", "door-left-open", "flat"],
+    ]
