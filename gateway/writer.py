@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,8 +321,8 @@ class Writer:
                 self._influx_ok = True
                 self.metrics.write_seconds.observe(time.monotonic() - started)
                 self.metrics.batches.inc()
-                for p in points:
-                    self.metrics.points.labels(p.kind).inc()
+                for kind, count in Counter(p.kind for p in points).items():
+                    self.metrics.points.labels(kind).inc(count)
                 self._written += len(points)
                 if attempt:
                     consumer.resume(*consumer.assignment())
