@@ -12,7 +12,10 @@ BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status clean
+DEMO_DEVICES ?= 50
+DEMO_DURATION ?= 60
+
+.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status demo clean
 
 setup: $(VENV)/.synced ## Create .venv with the locked dependencies and iotgw in it
 
@@ -42,6 +45,10 @@ test-unit: setup ## the tests that need no server
 
 test-integration: setup ## the tests against real Mosquitto, Kafka and InfluxDB
 	$(BIN)/pytest -m "integration or faults"
+
+demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then an audit
+	$(BIN)/iotgw stack up
+	$(BIN)/python -m simulators.demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION)
 
 stack-up: setup
 	$(BIN)/iotgw stack up

@@ -254,6 +254,7 @@ class Bridge:
         # was lost must not be acknowledged on the next one (packet ids are reused).
         self._epoch = 0
         self._accepting = False
+        self._subscribed = asyncio.Event()
         self._closed = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -266,7 +267,7 @@ class Bridge:
 
     def readiness(self) -> dict[str, bool]:
         return {
-            "mqtt": self._connected,
+            "mqtt": self._connected and self._subscribed.is_set(),
             "kafka": self._producer is not None,
             "registry": self.registry.ready.is_set(),
         }
@@ -337,6 +338,7 @@ class Bridge:
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = lambda *args: self._subscribed.set()
         self._client = client
         try:
             await asyncio.wait_for(
@@ -348,6 +350,12 @@ class Bridge:
                 f"MQTT broker unreachable at {endpoint.host}:{endpoint.port}: {exc or 'timed out'}"
             ) from None
         client.subscribe(self.subscription, qos=1)
+        # Ready only once the broker confirmed the subscription: before that, readings of
+        # a group that never subscribed have no one to be delivered to.
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), self.settings.timeout_s)
+        except TimeoutError:
+            raise IotgwError(f"the broker did not confirm {self.subscription}") from None
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
         self._epoch += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -19,9 +20,12 @@ from gateway.bridge import Bridge
 from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
-from gateway.settings import load_settings
+from gateway.settings import Settings, load_settings
 from gateway.terminal import console, print_error, say
 from gateway.writer import Writer
+from simulators.audit import SendLog, audit_until_settled
+from simulators.fleet import parse_faults
+from simulators.runner import audit_table, run_simulation
 
 
 class _OneLineErrors(TyperGroup):
@@ -147,6 +151,8 @@ def _service_logging() -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # gmqtt logs a traceback for every lost connection; the bridge logs the event itself.
     logging.getLogger("gmqtt").setLevel(logging.ERROR)
+    # One line per HTTP request to InfluxDB would drown the service's own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @run_app.command("bridge")
@@ -157,12 +163,103 @@ def run_bridge() -> None:
     asyncio.run(_serve(Bridge(settings).run))
 
 
+async def run_services(settings: Settings, stop: asyncio.Event) -> None:
+    """The bridge and the writer in one process (`iotgw run all`), stopped together."""
+    writer_settings = settings
+    if settings.metrics_port:  # one fixed port given: the writer takes the next one
+        writer_settings = settings.model_copy(update={"metrics_port": settings.metrics_port + 1})
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(Bridge(settings).run(stop))
+            group.create_task(Writer(writer_settings).run(stop))
+    except ExceptionGroup as failed:
+        first = failed.exceptions[0]
+        if isinstance(first, IotgwError):
+            raise first from None
+        raise
+
+
+@run_app.command("all")
+def run_all() -> None:
+    """The bridge and the writer in one process, for small sites and the demo."""
+    settings = load_settings()
+    _service_logging()
+    asyncio.run(_serve(lambda stop: run_services(settings, stop)))
+
+
 @run_app.command("writer")
 def run_writer() -> None:
     """Readings, alerts and dead letters from Kafka into InfluxDB, in batches."""
     settings = load_settings()
     _service_logging()
     asyncio.run(_serve(Writer(settings).run))
+
+
+@app.command("simulate")
+def simulate_command(
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="Devices in the fleet.")] = 50,
+    rate: Annotated[
+        float, typer.Option(min=0.1, max=100_000, help="Readings per second, whole fleet.")
+    ] = 50.0,
+    duration: Annotated[float, typer.Option(min=0.1, max=86_400, help="Seconds to run.")] = 60.0,
+    qos: Annotated[int, typer.Option(min=0, max=1, help="MQTT QoS of the readings.")] = 1,
+    faults: Annotated[
+        str, typer.Option(help="Fault rates per reading, e.g. malformed=0.01,duplicate=0.02.")
+    ] = "",
+    register: Annotated[bool, typer.Option(help="Register the fleet first.")] = False,
+    log: Annotated[Path | None, typer.Option(help="Write one JSON line per reading sent.")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same fleet and signals.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=100, help="Readings per message.")] = 1,
+) -> None:
+    """Play a fleet of devices against the configured MQTT broker (bounded in time)."""
+    settings = load_settings()
+    try:
+        fault_rates = parse_faults(faults)
+    except ValueError as exc:
+        raise IotgwError(str(exc), exit_code=2) from None
+    stats = asyncio.run(
+        run_simulation(
+            settings,
+            devices=devices,
+            rate=rate,
+            duration=duration,
+            qos=qos,
+            faults=fault_rates,
+            register=register,
+            log=log,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    )
+    faulted = ", ".join(f"{k} {v}" for k, v in sorted(stats.faults.items())) or "none"
+    console.print(
+        f"sent {stats.readings} readings in {stats.messages} messages over {stats.seconds:.1f} s "
+        f"({stats.readings / max(stats.seconds, 0.001):.0f}/s); faults: {faulted}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("audit")
+def audit_command(
+    log: Annotated[Path, typer.Option(help="The log of `iotgw simulate --log`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for the pipeline to catch up.")
+    ] = 0.0,
+) -> None:
+    """Compare what a simulation sent with iot.readings, iot.readings.dlq and InfluxDB.
+
+    Exits 1 when a valid reading is in neither topic.
+    """
+    settings = load_settings()
+    report = asyncio.run(audit_until_settled(settings, SendLog.read(log), wait))
+    if as_json:
+        print(json.dumps(report.as_dict()))
+    else:
+        console.print(audit_table(report))
+    if report.lost:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,209 @@
+"""The loss audit: what a simulation sent against what Kafka and InfluxDB hold."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway.errors import IotgwError
+from gateway.influx import InfluxClient
+from gateway.kafka import topic_partitions
+from gateway.settings import Settings
+from gateway.topics import Topics
+from schemas import DeviceType
+from simulators.fleet import FAULTS
+
+Key = tuple[str, int]
+# Kafka's record time is the bridge's, a little after the device's: read from a minute before.
+_SLACK_MS = 60_000
+
+
+@dataclass
+class AuditReport:
+    """The audit's findings; `lost` must be 0."""
+
+    sent: int = 0
+    valid_sent: int = 0
+    in_kafka: int = 0
+    in_dlq: int = 0
+    in_influx: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    duplicates_sent: int = 0
+    missing_in_influx: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    expected_rejected: dict[str, int] = field(default_factory=dict)
+    lost_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SendLog:
+    """A simulation's log: one entry per reading sent."""
+
+    entries: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, path: Path) -> SendLog:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise IotgwError(f"cannot read {path}: {exc.strerror}", exit_code=2) from None
+        entries = []
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                entries.append({k: entry[k] for k in ("device_id", "seq", "ts", "fault")})
+            except (ValueError, KeyError, TypeError):
+                raise IotgwError(f"{path}: line {number} is not a log entry", exit_code=2) from None
+        if not entries:
+            raise IotgwError(f"{path} holds no readings", exit_code=2)
+        return cls(entries)
+
+    @property
+    def valid(self) -> set[Key]:
+        return {(e["device_id"], e["seq"]) for e in self.entries if FAULTS.get(e["fault"]) is None}
+
+    @property
+    def devices(self) -> set[str]:
+        return {e["device_id"] for e in self.entries}
+
+    @property
+    def window_ms(self) -> tuple[int, int]:
+        times = [e["ts"] for e in self.entries if isinstance(e["ts"], int)]
+        return min(times), max(times)
+
+
+async def _read_topic(settings: Settings, topic: str, since_ms: int) -> list[Any]:
+    """Every record of `topic` from `since_ms` to its end offsets at the time of the call."""
+    partitions = [
+        TopicPartition(topic, p)
+        for p in await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
+    ]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        consumer.assign(partitions)
+        end = await consumer.end_offsets(partitions)
+        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+        for tp in partitions:
+            found = starts.get(tp)
+            consumer.seek(tp, found.offset if found is not None else end[tp])
+        pending = {tp for tp in partitions if await consumer.position(tp) < end[tp]}
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=1000)
+            for tp, batch in batches.items():
+                records.extend(r for r in batch if r.offset < end[tp])
+            pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
+    finally:
+        await consumer.stop()
+    return records
+
+
+def _key_of(value: bytes, device_id: str | None) -> Key | None:
+    try:
+        document = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("seq"), int):
+        return None
+    return (document.get("device_id") or device_id or "", document["seq"])
+
+
+async def _influx_keys(settings: Settings, log: SendLog) -> set[Key]:
+    first, last = log.window_ms
+    ids = "|".join(re.escape(d) for d in sorted(log.devices))
+    types = "|".join(t.value for t in DeviceType)
+    query = (
+        f'SELECT "seq", "device_id" FROM /^({types})$/ WHERE time >= {first - _SLACK_MS}ms '
+        f'AND time <= {last + _SLACK_MS}ms AND "device_id" =~ /^({ids})$/'
+    )
+    async with InfluxClient(str(settings.influx_url), timeout_s=60) as influx:
+        try:
+            results = await influx.query(query, db=settings.influx_db)
+        except IotgwError as exc:
+            if "database not found" in str(exc):
+                return set()
+            raise
+    return {
+        (row[2], int(row[1]))
+        for result in results
+        for series in result.get("series", [])
+        for row in series["values"]
+        if row[1] is not None
+    }
+
+
+async def audit(settings: Settings, log: SendLog) -> AuditReport:
+    """Compare the log with iot.readings, iot.readings.dlq and InfluxDB."""
+    topics = Topics(settings.topic_prefix)
+    since = log.window_ms[0] - _SLACK_MS
+    readings, dead = await asyncio.gather(
+        _read_topic(settings, topics.readings, since),
+        _read_topic(settings, topics.dead_letters, since),
+    )
+    devices = log.devices
+    in_kafka: Counter[Key] = Counter()
+    for record in readings:
+        key = _key_of(record.value, None)
+        if key is not None and key[0] in devices:
+            in_kafka[key] += 1
+    in_dlq: set[Key] = set()
+    rejected: Counter[str] = Counter()
+    for record in dead:
+        device_id = record.key.decode(errors="replace") if record.key else None
+        if device_id not in devices:
+            continue
+        reason = dict(record.headers).get("error", b"?").decode()
+        rejected[reason] += 1
+        key = _key_of(record.value, device_id)
+        if key is not None:
+            in_dlq.add((device_id or key[0], key[1]))
+    valid = log.valid
+    lost = sorted(valid - set(in_kafka) - in_dlq)
+    influx = await _influx_keys(settings, log)
+    delivered = valid & set(in_kafka)
+    sent_faults = Counter(e["fault"] for e in log.entries if e["fault"])
+    expected: Counter[str] = Counter()
+    for fault, count in sent_faults.items():
+        reason = FAULTS.get(fault)
+        if reason:
+            expected[reason] += count
+    return AuditReport(
+        sent=len(log.entries),
+        valid_sent=len(valid),
+        in_kafka=len(delivered),
+        in_dlq=sum(rejected.values()),
+        in_influx=len(delivered & influx),
+        lost=len(lost),
+        duplicates=sum(n - 1 for n in in_kafka.values()),
+        duplicates_sent=sent_faults.get("duplicate", 0),
+        missing_in_influx=len(delivered - influx),
+        rejected=dict(sorted(rejected.items())),
+        expected_rejected=dict(sorted(expected.items())),
+        lost_examples=[f"{d}#{s}" for d, s in lost[:10]],
+    )
+
+
+async def audit_until_settled(settings: Settings, log: SendLog, wait_s: float) -> AuditReport:
+    """Audit again until nothing is lost or missing in InfluxDB, for up to `wait_s` seconds
+    (the bridge and the writer may still be working through the last readings)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        report = await audit(settings, log)
+        if (report.lost == 0 and report.missing_in_influx == 0) or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(2)
