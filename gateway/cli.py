@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +21,8 @@ from gateway.bridge import Bridge
 from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
+from gateway.rules_file import load_rules
+from gateway.rules_service import RulesService
 from gateway.settings import Settings, load_settings
 from gateway.terminal import console, print_error, say
 from gateway.writer import Writer
@@ -164,14 +167,20 @@ def run_bridge() -> None:
 
 
 async def run_services(settings: Settings, stop: asyncio.Event) -> None:
-    """The bridge and the writer in one process (`iotgw run all`), stopped together."""
-    writer_settings = settings
-    if settings.metrics_port:  # one fixed port given: the writer takes the next one
-        writer_settings = settings.model_copy(update={"metrics_port": settings.metrics_port + 1})
+    """The bridge, the writer and the rules engine in one process, stopped together."""
+
+    def port(offset: int) -> Settings:
+        # One fixed port given: the writer takes the next one, the rules engine the one after.
+        if not settings.metrics_port:
+            return settings
+        return settings.model_copy(update={"metrics_port": settings.metrics_port + offset})
+
+    rules = RulesService(port(2))
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(Bridge(settings).run(stop))
-            group.create_task(Writer(writer_settings).run(stop))
+            group.create_task(Writer(port(1)).run(stop))
+            group.create_task(rules.run(stop))
     except ExceptionGroup as failed:
         first = failed.exceptions[0]
         if isinstance(first, IotgwError):
@@ -181,10 +190,33 @@ async def run_services(settings: Settings, stop: asyncio.Event) -> None:
 
 @run_app.command("all")
 def run_all() -> None:
-    """The bridge and the writer in one process, for small sites and the demo."""
+    """The bridge, the writer and the rules engine in one process (small sites, the demo)."""
     settings = load_settings()
     _service_logging()
     asyncio.run(_serve(lambda stop: run_services(settings, stop)))
+
+
+@run_app.command("rules")
+def run_rules() -> None:
+    """The rules engine: alerts from readings, MQTT commands and webhooks on firing."""
+    settings = load_settings()
+    _service_logging()
+    service = RulesService(settings)
+    asyncio.run(_serve(service.run))
+
+
+rules_app = typer.Typer(help="Alerting rules.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("validate")
+def rules_validate(
+    file: Annotated[Path, typer.Argument(help="A rules file (YAML).")],
+) -> None:
+    """Check a rules file; print every problem with its line and field."""
+    rules = load_rules(file).rules
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(r.kind for r in rules).items()))
+    console.print(f"{file}: {len(rules)} rules ({kinds})", highlight=False)
 
 
 @run_app.command("writer")

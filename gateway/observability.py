@@ -100,6 +100,32 @@ class WriterMetrics:
         )  # fmt: skip
 
 
+class RulesMetrics:
+    """The rules engine's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.evaluated = Counter(
+            "iotgw_rules_readings_evaluated", "readings the rules were evaluated on", registry=r
+        )
+        self.alerts = Counter(
+            "iotgw_rules_alerts", "alerts sent to iot.alerts, by rule and state",
+            ["rule", "state"], registry=r,
+        )  # fmt: skip
+        self.action_failures = Counter(
+            "iotgw_rules_action_failures", "actions that failed after their retries, by kind",
+            ["action"], registry=r,
+        )  # fmt: skip
+        self.late = Counter(
+            "iotgw_rules_late_readings", "readings older than the grace allows, not evaluated",
+            registry=r,
+        )  # fmt: skip
+        self.lag = Gauge(
+            "iotgw_rules_consumer_lag", "readings in Kafka not yet evaluated", registry=r
+        )
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the log."""

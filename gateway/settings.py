@@ -121,6 +121,14 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=1000, ge=1, le=65535)
     rate_limit_per_s: float = Field(default=100.0, gt=0)
     rate_limit_burst: int = Field(default=2000, ge=1)
+    rules_group: str = Field(default="iotgw-rules", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    # Readings of a device may arrive this far out of event-time order and still count.
+    rules_grace_s: float = Field(default=5.0, ge=0, le=3600)
+    # The rules engine's Kafka transactional id: unique per running instance.
+    rules_instance_id: str = Field(
+        default_factory=lambda: f"iotgw-rules-{socket.gethostname()}",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+    )
     writer_group: str = Field(default="iotgw-writer", pattern=r"^[A-Za-z0-9._-]{1,100}$")
     # Writer: a batch is written when it holds this many points or is this old.
     writer_batch_size: int = Field(default=5000, ge=1, le=100_000)

@@ -40,6 +40,11 @@ class Topics:
     def alerts(self) -> str:
         return f"{self.prefix}.alerts"
 
+    @property
+    def rules_state(self) -> str:
+        """The rules engine's state per rule and device (compacted)."""
+        return f"{self.prefix}.rules.state"
+
     def specs(self, readings_partitions: int = 6) -> list[TopicSpec]:
         """Every topic iotgw uses, as `iotgw topics create` makes them."""
         return [
@@ -48,6 +53,7 @@ class Topics:
             # The registry: one record per device id, kept forever, a tombstone deletes.
             TopicSpec(self.devices, 1, {"cleanup.policy": "compact"}),
             TopicSpec(self.alerts, readings_partitions),
+            TopicSpec(self.rules_state, 1, {"cleanup.policy": "compact"}),
         ]
 
 

@@ -186,6 +186,8 @@ class Writer:
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
                     max_poll_records=self.settings.writer_batch_size,
+                    # Alerts are written in transactions: only committed ones are points.
+                    isolation_level="read_committed",
                     request_timeout_ms=int(self.settings.timeout_s * 1000) + 30_000,
                 )
             )

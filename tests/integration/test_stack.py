@@ -100,9 +100,9 @@ def test_topics_create_is_idempotent(local_stack: stack.StackPlan) -> None:
     first = run_cli("topics", "create", **env)
     second = run_cli("topics", "create", **env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created") == 4
+    assert first.stdout.count("created") == 5
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("exists") == 4
+    assert second.stdout.count("exists") == 5
     assert f"{prefix}.readings.dlq" in second.stdout
 
 

@@ -23,13 +23,16 @@ def test_default_names_follow_design() -> None:
 def test_prefix_changes_every_name() -> None:
     """A custom prefix is applied to every topic."""
     names = [spec.name for spec in Topics("home").specs()]
-    assert names == ["home.readings", "home.readings.dlq", "home.devices", "home.alerts"]
+    assert names == [
+        "home.readings", "home.readings.dlq", "home.devices", "home.alerts", "home.rules.state",
+    ]  # fmt: skip
 
 
 def test_registry_topic_is_compacted_and_readings_partitioned() -> None:
     """iot.devices is compacted; readings take the configured partition count."""
     specs = {spec.name: spec for spec in Topics().specs(readings_partitions=12)}
     assert specs["iot.devices"].configs == {"cleanup.policy": "compact"}
+    assert specs["iot.rules.state"].configs == {"cleanup.policy": "compact"}
     assert specs["iot.readings"].partitions == 12
 
 

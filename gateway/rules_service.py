@@ -1,0 +1,304 @@
+"""`iotgw run rules`: the rule engine on iot.readings, alerts out, actions on firing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from gmqtt import Client
+
+from gateway.errors import IotgwError
+from gateway.kafka import describe_kafka_error, topic_partitions
+from gateway.observability import HealthServer, RulesMetrics
+from gateway.registry import DeviceRegistry
+from gateway.rules import Alert, RuleEngine, RuleState
+from gateway.rules_file import load_rules
+from gateway.settings import Settings
+from gateway.topics import Topics
+from schemas.rules import Rule, Webhook
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 1.0
+_WEBHOOK_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def state_key(rule_id: str, device_id: str) -> bytes:
+    return f"{rule_id}|{device_id}".encode()
+
+
+class RulesService:
+    """Consumer group `iotgw-rules` on iot.readings; alerts to iot.alerts.
+
+    Restart safety: each batch's alerts, the rule states it changed (compacted topic
+    `iot.rules.state`) and the consumer offsets are written in one Kafka transaction.
+    After a crash the engine reloads the states and resumes from the committed offsets,
+    so an alert that is firing does not fire again and no transition is missed.
+    Actions (MQTT command, webhook) run after the transaction commits.
+    """
+
+    def __init__(self, settings: Settings, metrics: RulesMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or RulesMetrics()
+        self.topics = Topics(settings.topic_prefix)
+        self.rules: list[Rule] = load_rules(settings.rules_file).rules
+        self.by_id = {rule.id: rule for rule in self.rules}
+        self.registry = DeviceRegistry(settings)
+        self.engine = RuleEngine(
+            self.rules,
+            self.registry.get,
+            grace_ms=int(settings.rules_grace_s * 1000),
+            devices=lambda: self.registry,
+            started_ms=_now_ms(),
+        )
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._mqtt: Client | None = None
+        self._http = httpx.AsyncClient()
+        self._actions: set[asyncio.Task[None]] = set()
+        self._late_counted = 0
+        self.health: HealthServer | None = None
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "kafka": self._consumer is not None,
+            "registry": self.registry.ready.is_set(),
+            "mqtt": self._mqtt is not None,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.health = HealthServer(
+            self.settings.metrics_host,
+            self.settings.metrics_port_for("rules"),
+            self.metrics.registry,
+            self.readiness,
+        )
+        self.health.start()
+        try:
+            await self.registry.start()
+            await self._load_states()
+            self._producer = await self._start(
+                AIOKafkaProducer(
+                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    transactional_id=self.settings.rules_instance_id,
+                    enable_idempotence=True,
+                    acks="all",
+                )
+            )
+            self._mqtt = await self._connect_mqtt()
+            self._consumer = await self._start(
+                AIOKafkaConsumer(
+                    self.topics.readings,
+                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    group_id=self.settings.rules_group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    isolation_level="read_committed",
+                )
+            )
+            log.info(
+                "event=rules_started rules=%d group=%s states=%d metrics=http://%s:%d/metrics",
+                len(self.rules),
+                self.settings.rules_group,
+                len(self.engine.states),
+                self.settings.metrics_host,
+                self.health.port,
+            )
+            await self._consume(self._consumer, stop)
+        finally:
+            await self._shutdown()
+
+    async def _start(self, client: Any) -> Any:
+        try:
+            await asyncio.wait_for(client.start(), self.settings.timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await client.stop()
+            raise IotgwError(
+                f"Kafka is unreachable at {self.settings.kafka_bootstrap}: "
+                f"{describe_kafka_error(exc)}"
+            ) from None
+        return client
+
+    async def _load_states(self) -> None:
+        """Read the compacted state topic to its end (committed records only)."""
+        topic = self.topics.rules_state
+        partitions = [
+            TopicPartition(topic, p)
+            for p in await topic_partitions(
+                self.settings.kafka_bootstrap, topic, self.settings.timeout_s
+            )
+        ]
+        consumer = await self._start(
+            AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+            )
+        )
+        try:
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            end = await consumer.end_offsets(partitions)
+            pending = {tp for tp in partitions if await consumer.position(tp) < end[tp]}
+            while pending:
+                for records in (await consumer.getmany(*pending, timeout_ms=1000)).values():
+                    for record in records:
+                        rule_id, _, device_id = record.key.decode().partition("|")
+                        if record.value is None:
+                            self.engine.states.pop((rule_id, device_id), None)
+                        elif rule_id in self.by_id:
+                            self.engine.states[(rule_id, device_id)] = RuleState.from_dict(
+                                json.loads(record.value)
+                            )
+                pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
+        finally:
+            await consumer.stop()
+
+    async def _connect_mqtt(self) -> Client:
+        endpoint = self.settings.mqtt
+        client = Client(f"{self.settings.rules_instance_id}-commands")
+        if endpoint.username:
+            password = endpoint.password.get_secret_value() if endpoint.password else None
+            client.set_auth_credentials(endpoint.username, password)
+        try:
+            await asyncio.wait_for(
+                client.connect(endpoint.host, endpoint.port, ssl=endpoint.tls),
+                self.settings.timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise IotgwError(
+                f"MQTT broker unreachable at {endpoint.host}:{endpoint.port}: {exc or 'timed out'}"
+            ) from None
+        return client
+
+    async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        last_tick = 0.0
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=int(_TICK_S * 1000), max_records=5000)
+            now = _now_ms()
+            alerts: list[Alert] = []
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                for record in records:
+                    try:
+                        reading = json.loads(record.value)
+                        alerts.extend(self.engine.evaluate(reading, now))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.warning("event=reading_skipped offset=%d error=%s", record.offset, exc)
+                    self.metrics.evaluated.inc()
+                if records:
+                    offsets[tp] = records[-1].offset + 1
+            if time.monotonic() - last_tick >= _TICK_S:
+                last_tick = time.monotonic()
+                alerts.extend(self.engine.tick(now))
+                await self._update_lag(consumer)
+            self.metrics.late.inc(self.engine.late - self._late_counted)
+            self._late_counted = self.engine.late
+            if alerts or offsets or self.engine.changed:
+                await self._commit(alerts, offsets)
+            for alert in alerts:
+                self._act(alert)
+
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        lag = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag += max(0, highwater - await consumer.position(tp))
+        self.metrics.lag.set(lag)
+
+    async def _commit(self, alerts: list[Alert], offsets: dict[TopicPartition, int]) -> None:
+        """Alerts, changed states and offsets, all or nothing."""
+        assert self._producer is not None
+        changed, self.engine.changed = self.engine.changed, set()
+        async with self._producer.transaction():
+            for alert in alerts:
+                await self._producer.send(
+                    self.topics.alerts,
+                    json.dumps(alert.record()).encode(),
+                    key=alert.device_id.encode(),
+                )
+            for rule_id, device_id in changed:
+                state = self.engine.states.get((rule_id, device_id))
+                value = json.dumps(state.as_dict()).encode() if state is not None else None
+                await self._producer.send(
+                    self.topics.rules_state, value, key=state_key(rule_id, device_id)
+                )
+            if offsets:
+                await self._producer.send_offsets_to_transaction(offsets, self.settings.rules_group)
+        for alert in alerts:
+            self.metrics.alerts.labels(alert.rule, alert.state).inc()
+            log.info(
+                "event=alert rule=%s device_id=%s state=%s value=%s",
+                alert.rule, alert.device_id, alert.state, alert.value,
+            )  # fmt: skip
+
+    def _act(self, alert: Alert) -> None:
+        rule = self.by_id.get(alert.rule)
+        if rule is None:
+            return
+        for action in rule.actions:
+            if (
+                action.mqtt_command is not None
+                and alert.state == "firing"
+                and self._mqtt is not None
+            ):
+                payload = json.dumps(action.mqtt_command.payload).encode()
+                try:
+                    self._mqtt.publish(f"devices/{alert.device_id}/commands", payload, qos=1)
+                except OverflowError:
+                    self.metrics.action_failures.labels("mqtt_command").inc()
+                    log.warning(
+                        "event=command_dropped device_id=%s reason=in_flight_full", alert.device_id
+                    )
+            if action.webhook is not None:
+                task = asyncio.create_task(self._post(action.webhook, alert))
+                self._actions.add(task)
+                task.add_done_callback(self._actions.discard)
+
+    async def _post(self, webhook: Webhook, alert: Alert) -> None:
+        body = alert.record()
+        for attempt in range(webhook.retries + 1):
+            try:
+                response = await self._http.post(
+                    str(webhook.url), json=body, timeout=webhook.timeout
+                )
+                if response.status_code < 300:
+                    return
+                reason = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                reason = str(exc) or type(exc).__name__
+            if attempt < webhook.retries:
+                await asyncio.sleep(_WEBHOOK_BACKOFF_S[min(attempt, len(_WEBHOOK_BACKOFF_S) - 1)])
+        self.metrics.action_failures.labels("webhook").inc()
+        log.warning("event=webhook_failed url=%s rule=%s error=%s", webhook.url, alert.rule, reason)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._actions):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 2)
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    await asyncio.wait_for(client.stop(), 5)
+        self._consumer = self._producer = None
+        if self._mqtt is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._mqtt.disconnect(), 2)
+            self._mqtt = None
+        await self.registry.stop()
+        await self._http.aclose()
+        if self.health is not None:
+            self.health.stop()
+        log.info("event=rules_stopped")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
