@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -63,6 +64,7 @@ class RulesService:
         self._mqtt: Client | None = None
         self._http = httpx.AsyncClient()
         self._actions: set[asyncio.Task[None]] = set()
+        self._last_delivery: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._late_counted = 0
         self.health: HealthServer | None = None
 
@@ -259,11 +261,25 @@ class RulesService:
                         "event=command_dropped device_id=%s reason=in_flight_full", alert.device_id
                     )
             if action.webhook is not None:
-                task = asyncio.create_task(self._post(action.webhook, alert))
+                # Deliveries of one rule and device go out in order (firing before
+                # resolved), however long the retries of the earlier one take.
+                chain = (str(action.webhook.url), alert.rule, alert.device_id)
+                previous = self._last_delivery.get(chain)
+                task = asyncio.create_task(self._post(action.webhook, alert, previous))
+                self._last_delivery[chain] = task
                 self._actions.add(task)
-                task.add_done_callback(self._actions.discard)
+                task.add_done_callback(functools.partial(self._delivered, chain))
 
-    async def _post(self, webhook: Webhook, alert: Alert) -> None:
+    def _delivered(self, chain: tuple[str, str, str], task: asyncio.Task[None]) -> None:
+        self._actions.discard(task)
+        if self._last_delivery.get(chain) is task:
+            del self._last_delivery[chain]
+
+    async def _post(
+        self, webhook: Webhook, alert: Alert, previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
         body = alert.record()
         for attempt in range(webhook.retries + 1):
             try:

@@ -104,7 +104,7 @@ def reading_payload(
 class TopicReader:
     """Reads a topic from the beginning in the background, keeping every record."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(self, settings: Settings, topic: str, *, committed_only: bool = False) -> None:
         self.records: list[Any] = []
         self._consumer = AIOKafkaConsumer(
             topic,
@@ -112,6 +112,7 @@ class TopicReader:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
+            isolation_level="read_committed" if committed_only else "read_uncommitted",
         )
         self._task: asyncio.Task[None] | None = None
 
