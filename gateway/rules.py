@@ -127,6 +127,7 @@ class RuleEngine:
             for device_type in rule.device_types or []:
                 self._by_type.setdefault(device_type.value, []).append(rule)
         self._any_type = [rule for rule in self.rules if not rule.device_types]
+        self._rules_for: dict[str, list[Rule]] = {}
 
     def evaluate(self, reading: dict[str, Any], now_ms: int) -> list[Alert]:
         """Take a canonical reading; alerts of the readings the reorder buffer releases."""
@@ -174,13 +175,19 @@ class RuleEngine:
 
     def _apply(self, reading: dict[str, Any]) -> list[Alert]:
         device_id, device_type = reading["device_id"], reading["type"]
-        rules = self._by_type.get(device_type, []) + self._any_type
+        rules = self._rules_for.get(device_type)
+        if rules is None:
+            rules = self._rules_for[device_type] = (
+                self._by_type.get(device_type, []) + self._any_type
+            )
         if not rules:
             return []
         device = self.lookup(device_id)
         alerts: list[Alert] = []
         for rule in rules:
-            if not self._in_scope(rule, device_id, device_type, device):
+            if (rule.devices or rule.site or rule.room) and not self._in_scope(
+                rule, device_id, device_type, device
+            ):
                 continue
             key = (rule.id, device_id)
             if isinstance(rule, ThresholdRule | StateRule):
@@ -196,34 +203,25 @@ class RuleEngine:
         return alerts
 
     def _held(self, rule: ThresholdRule | StateRule, key: Key, value: Any, ts: int) -> list[Alert]:
-        state = self._state(key)
+        state = self.states.get(key) or self._state(key)
         if isinstance(rule, ThresholdRule):
-            holds = _OPS[rule.op](float(value), rule.value)
-            if rule.clear is None:
-                cleared = not holds
-            elif rule.op in (">", ">="):
-                cleared = float(value) <= rule.clear
-            else:
-                cleared = float(value) >= rule.clear
-            what = f"{rule.metric} {value:g} {rule.op} {rule.value:g}"
+            holds = _OPS[rule.op](value, rule.value)
+            if state.firing:
+                if rule.clear is None:
+                    cleared = not holds
+                elif rule.op in (">", ">="):
+                    cleared = value <= rule.clear
+                else:
+                    cleared = value >= rule.clear
         else:
             holds = value is rule.equals
             cleared = not holds
-            what = f"{rule.metric} is {str(rule.equals).lower()}"
         if state.firing:
             if cleared:
                 state.firing, state.since = False, None
                 self.changed.add(key)
-                return [
-                    Alert(
-                        rule.id,
-                        key[1],
-                        "resolved",
-                        value,
-                        ts,
-                        f"{rule.metric} back to {_show(value)}",
-                    )
-                ]
+                message = f"{rule.metric} back to {_show(value)}"
+                return [Alert(rule.id, key[1], "resolved", value, ts, message)]
             return []
         if not holds:
             if state.since is not None:
@@ -237,6 +235,10 @@ class RuleEngine:
             held = (ts - state.since) / 1000
             state.firing, state.since = True, None
             self.changed.add(key)
+            if isinstance(rule, ThresholdRule):
+                what = f"{rule.metric} {value:g} {rule.op} {rule.value:g}"
+            else:
+                what = f"{rule.metric} is {str(rule.equals).lower()}"
             suffix = f" for {held:g} s" if rule.for_ else ""
             return [Alert(rule.id, key[1], "firing", value, ts, what + suffix)]
         return []

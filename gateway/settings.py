@@ -16,6 +16,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -144,6 +145,13 @@ class Settings(BaseSettings):
     def _strip_spaces(cls, value: str) -> str:
         return ",".join(server.strip() for server in value.split(","))
 
+    @model_validator(mode="after")
+    def _distinct_groups(self) -> Settings:
+        # In one group the writer and the rules engine would split the readings between them.
+        if self.writer_group == self.rules_group:
+            raise ValueError("IOTGW_WRITER_GROUP and IOTGW_RULES_GROUP must differ")
+        return self
+
     @property
     def mqtt(self) -> MqttEndpoint:
         return parse_mqtt_url(self.mqtt_url.get_secret_value())
@@ -179,7 +187,10 @@ def load_settings() -> Settings:
         for error in exc.errors(include_input=False, include_url=False):
             kind = "unknown" if error["type"] == "extra_forbidden" else "invalid"
             message = error["msg"].removeprefix("Value error, ")
-            lines.append(f"{kind} setting {_field_name(error['loc'])}: {message}")
+            if error["loc"]:
+                lines.append(f"{kind} setting {_field_name(error['loc'])}: {message}")
+            else:
+                lines.append(f"invalid settings: {message}")
         raise ConfigError("\n".join(lines)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{CONFIG_FILE} is not valid TOML: {exc}") from None

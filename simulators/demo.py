@@ -12,25 +12,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from gateway.errors import IotgwError
-from gateway.kafka import ensure_topics
+from gateway.kafka import ensure_topics, topic_partitions
 from gateway.settings import Settings, load_settings
 from gateway.stack import DEFAULT_STACK_DIR
 from gateway.terminal import console, print_error, say
+from gateway.topics import Topics
 from simulators.audit import SendLog, audit_until_settled
 from simulators.fleet import DEMO_FAULTS, parse_faults
 from simulators.runner import audit_table, run_simulation
+
+DEMO_RULES = Path(__file__).with_name("demo-rules.yaml")
 
 
 class ServiceFigures:
@@ -79,7 +86,10 @@ class ServiceFigures:
 
 
 def start_services(log: Path) -> tuple[subprocess.Popen[bytes], ServiceFigures]:
-    """`iotgw run all` in the background; waits until both services say they started."""
+    """`iotgw run all` in the background; waits until the services say they started."""
+    # Short durations, so that a one-minute run fires every kind of rule.
+    env = {**os.environ}
+    env.setdefault("IOTGW_RULES_FILE", str(DEMO_RULES))
     # A fresh log: the start lines of an earlier run must not be taken for this one's.
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -87,10 +97,11 @@ def start_services(log: Path) -> tuple[subprocess.Popen[bytes], ServiceFigures]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     deadline = time.monotonic() + 60
     urls: dict[str, str] = {}
-    while len(urls) < 2:
+    while len(urls) < 3:
         if process.poll() is not None:
             raise IotgwError(f"the services exited; see {log}")
         if time.monotonic() > deadline:
@@ -98,7 +109,7 @@ def start_services(log: Path) -> tuple[subprocess.Popen[bytes], ServiceFigures]:
             process.wait()
             raise IotgwError(f"the services did not start within 60 s; see {log}")
         for service, url in re.findall(
-            r"event=(bridge|writer)_started .*metrics=(\S+)", log.read_text()
+            r"event=(bridge|writer|rules)_started .*metrics=(\S+)", log.read_text()
         ):
             urls[service] = url
         time.sleep(0.2)
@@ -112,6 +123,40 @@ def stop_services(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+async def alerts_table(settings: Settings, since_ms: int) -> Table:
+    """The alerts of this run by rule and state (committed records of iot.alerts)."""
+    topic = Topics(settings.topic_prefix).alerts
+    partitions = [
+        TopicPartition(topic, p)
+        for p in await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
+    ]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    counts: Counter[tuple[str, str]] = Counter()
+    try:
+        consumer.assign(partitions)
+        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+        end = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            found = starts.get(tp)
+            consumer.seek(tp, found.offset if found is not None else end[tp])
+        batches = await consumer.getmany(timeout_ms=2000)
+        for records in batches.values():
+            for record in records:
+                alert = json.loads(record.value)
+                counts[(alert["rule"], alert["state"])] += 1
+    finally:
+        await consumer.stop()
+    table = Table("rule", "firing", "resolved", title="alerts (iot.alerts)")
+    for rule in sorted({rule for rule, _ in counts}):
+        table.add_row(rule, str(counts[(rule, "firing")]), str(counts[(rule, "resolved")]))
+    return table
 
 
 def next_steps(settings: Settings) -> None:
@@ -131,7 +176,7 @@ def next_steps(settings: Settings) -> None:
     curl -sG {url}/query --data-urlencode db={db} \\
       --data-urlencode 'q=SELECT count("bytes") FROM "rejected" GROUP BY "reason"'
   The registry:            .venv/bin/iotgw devices list --site oak-street
-  Live services:           .venv/bin/iotgw run all   (metrics on :9108 and :9109)
+  Live services:           .venv/bin/iotgw run all   (metrics on :9108, :9109, :9110)
   Grafana dashboards:      compose/grafana/ (fleet overview, device detail, alerts);
                            Grafana runs in the Docker Compose deployment.
   The stack keeps running; stop it with: make stack-down""",
@@ -145,9 +190,10 @@ async def demo(devices: int, duration: float, rate: float) -> int:
     await ensure_topics(settings)
     logs = DEFAULT_STACK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    say(f"starting the bridge and the writer (log: {logs / 'demo-services.log'})")
+    say(f"starting the bridge, the writer and the rules engine (log: {logs / 'demo-services.log'})")
     services, figures = start_services(logs / "demo-services.log")
     sent_log = DEFAULT_STACK_DIR / "demo-readings.jsonl"
+    started_ms = time.time_ns() // 1_000_000
     try:
         say(f"{devices} devices, {rate:g} readings/s for {duration:g} s, faults: {DEMO_FAULTS}")
         stats = await run_simulation(
@@ -163,6 +209,7 @@ async def demo(devices: int, duration: float, rate: float) -> int:
             summary.add_row(label, value.split(" (")[0])
         console.print(summary)
         console.print(audit_table(report))
+        console.print(await alerts_table(settings, started_ms))
     finally:
         stop_services(services)
     next_steps(settings)

@@ -34,7 +34,10 @@ FAULTS: dict[str, str | None] = {
     "burst": None,
     "offline": None,
 }
-DEMO_FAULTS = "malformed=0.002,schema=0.002,unknown_device=0.002,clock_skew=0.002,duplicate=0.002"
+DEMO_FAULTS = (
+    "malformed=0.002,schema=0.002,unknown_device=0.002,clock_skew=0.002,duplicate=0.002,"
+    "offline=0.003"
+)
 _BURST = 20
 
 

@@ -133,3 +133,13 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.influx_db = "other"  # type: ignore[misc]
+
+
+def test_writer_and_rules_need_their_own_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One consumer group for both would split the readings between them."""
+    monkeypatch.setenv("IOTGW_WRITER_GROUP", "same")
+    monkeypatch.setenv("IOTGW_RULES_GROUP", "same")
+    with pytest.raises(
+        ConfigError, match=r"^invalid settings: IOTGW_WRITER_GROUP and IOTGW_RULES_GROUP"
+    ):
+        load_settings()
