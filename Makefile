@@ -15,7 +15,7 @@ export UV_PYTHON_DOWNLOADS := never
 DEMO_DEVICES ?= 50
 DEMO_DURATION ?= 60
 
-.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status demo clean
+.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status demo bench clean
 
 setup: $(VENV)/.synced ## Create .venv with the locked dependencies and iotgw in it
 
@@ -49,6 +49,10 @@ test-integration: setup ## the tests against real Mosquitto, Kafka and InfluxDB
 demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then an audit
 	$(BIN)/iotgw stack up
 	$(BIN)/python -m simulators.demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION)
+
+bench: setup ## iotgw against the raw ceiling and a naive bridge (under 10 minutes)
+	$(BIN)/iotgw stack up
+	$(BIN)/iotgw bench
 
 stack-up: setup
 	$(BIN)/iotgw stack up

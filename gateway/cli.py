@@ -27,6 +27,7 @@ from gateway.settings import Settings, load_settings
 from gateway.terminal import console, print_error, say
 from gateway.writer import Writer
 from simulators.audit import SendLog, audit_until_settled
+from simulators.bench import RUNS, bench, bench_table
 from simulators.fleet import parse_faults
 from simulators.runner import audit_table, run_simulation
 
@@ -292,6 +293,44 @@ def audit_command(
         console.print(audit_table(report))
     if report.lost:
         raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench_command(
+    readings: Annotated[int, typer.Option(min=100, help="Backlog to drain per run.")] = 200_000,
+    live: Annotated[int, typer.Option(min=10, help="Readings published live per run.")] = 50_000,
+    rates: Annotated[str, typer.Option(help="Fixed rates for the latency runs.")] = "1000,5000",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per latency run.")] = 5.0,
+    runs: Annotated[str, typer.Option(help="Which runs, comma-separated.")] = ",".join(RUNS),
+    out: Annotated[Path, typer.Option(help="Where latest.json and latest.png go.")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """iotgw against the raw ceiling (mosquitto_sub | a console producer) and a naive bridge."""
+    settings = load_settings()
+    chosen = [r.strip() for r in runs.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in RUNS]
+    if unknown or not chosen:
+        raise IotgwError(f"runs must be among {', '.join(RUNS)}", exit_code=2)
+    try:
+        rate_values = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise IotgwError("--rates takes numbers, like 1000,5000", exit_code=2) from None
+    logging.getLogger("gmqtt").setLevel(logging.CRITICAL)
+    results = asyncio.run(
+        bench(
+            settings,
+            readings=readings,
+            live=live,
+            rates=rate_values,
+            seconds=seconds,
+            runs=chosen,
+            out=out,
+            report=say,
+        )
+    )
+    console.print(bench_table(results))
+    console.print(f"results: {out / 'latest.json'}, chart: {out / 'latest.png'}", highlight=False)
 
 
 def main() -> None:

@@ -16,8 +16,12 @@ from gateway.errors import IotgwError
 
 Report = Callable[[str], None]
 
-# Debian package that provides each server binary the stack runs.
-DEBIAN_PACKAGES = {"mosquitto": "mosquitto", "influxd": "influxdb"}
+# Debian package that provides each binary the stack (and the benchmark) runs.
+DEBIAN_PACKAGES = {
+    "mosquitto": "mosquitto",
+    "influxd": "influxdb",
+    "mosquitto_sub": "mosquitto-clients",
+}
 MIN_JAVA = 17
 _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 

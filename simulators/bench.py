@@ -1,0 +1,580 @@
+"""The benchmark harness: iotgw against the raw ceiling and a naive bridge, in one run.
+
+`iotgw bench` (and `make bench`) on the local stack, loopback only. For the same
+pre-generated readings (the simulator's fleet, 100 devices, QoS 1) and each of
+`raw_pipe` (mosquitto_sub | Kafka's console producer), `naive_bridge` (paho-mqtt + kafka-python, one
+synchronous send per message), `iotgw_1` and `iotgw_2` (one and two bridge processes):
+the drain rate of a backlog preloaded into the subject's persistent session, the rate of
+readings published live, the latency from MQTT publish to the record being readable from
+Kafka at fixed rates, CPU seconds per 10,000 readings, peak RSS and readings lost. Then
+the writer's points/s over iotgw_1's readings. Results go to `<out>/latest.json` and a
+chart to `<out>/latest.png`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
+from gmqtt import Client
+from gmqtt.storage import PersistentStorage
+from rich.table import Table
+
+from gateway.errors import IotgwError
+from gateway.influx import InfluxClient
+from gateway.installer import ensure_debian_packages, ensure_kafka, kafka_version
+from gateway.kafka import ensure_topics, kafka_admin, topic_partitions
+from gateway.registry import RegistryWriter
+from gateway.settings import Settings
+from gateway.stack import LOCAL_TEMPLATES
+from gateway.topics import Topics
+from simulators.fleet import FleetTraffic, build_fleet
+
+RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2")
+DEVICES = 100
+PUBLISHERS = 10
+# A subject that has not finished its drain by then is reported as behind.
+DRAIN_LIMIT_S = 90.0
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Reading:
+    topic: str
+    payload: bytes
+    key: tuple[str, int]
+
+
+def pregenerate(count: int, seed: int = 7) -> list[Reading]:
+    """`count` valid readings of the simulator's fleet, round-robin over its devices."""
+    fleet = build_fleet(DEVICES, seed)
+    traffic = FleetTraffic(fleet, {}, seed, first_seq=time.time_ns() // 1_000_000)
+    out: list[Reading] = []
+    now = time.time()
+    while len(out) < count:
+        for device in fleet:
+            for message in traffic.messages(device, now):
+                sent = message.readings[0]
+                out.append(Reading(message.topic, message.payload, (sent.device_id, sent.seq)))
+        now += 0.01
+    return out[:count]
+
+
+class Publisher:
+    """QoS 1 publishers for pre-generated readings; records when each was published."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sent_at: dict[tuple[str, int], float] = {}
+        self._clients: list[tuple[Client, PersistentStorage]] = []
+
+    async def __aenter__(self) -> Publisher:
+        for _ in range(PUBLISHERS):
+            storage = PersistentStorage()
+            client = Client(f"bench-pub-{uuid.uuid4().hex[:8]}", persistent_storage=storage)
+            await client.connect(self.settings.mqtt.host, self.settings.mqtt.port)
+            self._clients.append((client, storage))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client, storage in self._clients:
+            await asyncio.wait_for(storage.wait_empty(), 120)
+            await client.disconnect()
+
+    async def run(self, readings: list[Reading], rate: float | None = None) -> None:
+        started = time.perf_counter()
+        for i, reading in enumerate(readings):
+            client = self._clients[hash(reading.key[0]) % PUBLISHERS][0]
+            while True:
+                try:
+                    client.publish(reading.topic, reading.payload, qos=1)
+                    break
+                except OverflowError:
+                    await asyncio.sleep(0.0005)
+            self.sent_at[reading.key] = time.perf_counter()
+            if rate is not None:
+                ahead = (i + 1) / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            elif i % 500 == 0:
+                await asyncio.sleep(0)
+
+
+class Watch:
+    """Reads a subject's Kafka topic; when each (device, seq) first became readable."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic = settings, topic
+        self.arrived: dict[tuple[str, int], float] = {}
+        self.records = 0
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watch:
+        await self._consumer.start()
+        ids = await topic_partitions(
+            self.settings.kafka_bootstrap, self.topic, self.settings.timeout_s
+        )
+        partitions = [TopicPartition(self.topic, p) for p in ids]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=50)
+            now = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    self.records += 1
+                    value = json.loads(record.value)
+                    key = record.key.decode() if record.key else ""
+                    device = value.get("device_id") or (key.split("/")[1] if "/" in key else key)
+                    self.arrived.setdefault((device, value["seq"]), now)
+
+    async def until(self, keys: set[tuple[str, int]], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not keys <= self.arrived.keys():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, peak RSS MB) of a live process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        rss = 0.0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+        return cpu, rss
+    except OSError:
+        return 0.0, 0.0
+
+
+@dataclass
+class Subject:
+    """A system under test: its processes, the topic it writes, how to start it."""
+
+    name: str
+    settings: Settings
+    topic: str
+    logs: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self, client_id: str) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "IOTGW_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "IOTGW_MQTT_URL": s.mqtt_url.get_secret_value(),
+            "IOTGW_TOPIC_PREFIX": s.topic_prefix,
+            "IOTGW_MQTT_SHARE_GROUP": s.mqtt_share_group,
+            "IOTGW_MQTT_CLIENT_ID": client_id,
+            "IOTGW_MQTT_SESSION_EXPIRY_S": "900",
+            "IOTGW_METRICS_PORT": "0",
+            "IOTGW_RATE_LIMIT_PER_S": "1000000",
+            "IOTGW_RATE_LIMIT_BURST": "1000000",
+        }
+
+    @property
+    def client_ids(self) -> list[str]:
+        count = 2 if self.name == "iotgw_2" else 1
+        return [f"{self.settings.mqtt_client_id}-{i}" for i in range(count)]
+
+    async def start(self) -> None:
+        log = (self.logs / f"{self.name}.log").open("ab")
+        s = self.settings
+        if self.name == "raw_pipe":
+            # stdbuf: mosquitto_sub's output into a pipe would otherwise sit in a 4 KiB buffer.
+            sub = subprocess.Popen(
+                ["stdbuf", "-oL", "mosquitto_sub", "-h", s.mqtt.host, "-p", str(s.mqtt.port),
+                 "-V", "mqttv5", "-c", "-x", "900", "-i", self.client_ids[0], "-q", "1",
+                 "-t", f"$share/{s.mqtt_share_group}/devices/+/telemetry", "-F", "%t|%p"],
+                stdout=subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+            # Kafka's own console producer, the Java twin of kcat: Debian's kcat 1.7.1 holds
+            # piped input until it has 1 MiB or the pipe closes (kcat issue #343).
+            kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", self.logs / "install.log", print)
+            log4j = f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}"
+            producer = subprocess.Popen(
+                ["java", "-Xmx512m", log4j, "-cp", kafka.classpath,
+                 "org.apache.kafka.tools.ConsoleProducer",
+                 "--bootstrap-server", s.kafka_bootstrap, "--topic", self.topic,
+                 "--reader-property", "parse.key=true", "--reader-property", "key.separator=|",
+                 "--command-property", "acks=all", "--command-property", "linger.ms=5"],
+                stdin=sub.stdout, stdout=log, stderr=log,
+            )  # fmt: skip
+            assert sub.stdout is not None
+            sub.stdout.close()
+            self.processes = [sub, producer]
+            await asyncio.sleep(3)  # neither says when it is ready: the JVM starts in ~2 s
+        else:
+            module = (
+                ["simulators.baselines.naive_bridge"]
+                if self.name == "naive_bridge"
+                else ["gateway", "run", "bridge"]
+            )
+            marker = "naive_bridge_started" if self.name == "naive_bridge" else "bridge_started"
+            path = self.logs / f"{self.name}.log"
+            before = path.read_text().count(marker) if path.exists() else 0
+            self.processes = [
+                subprocess.Popen(
+                    [sys.executable, "-m", *module],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env(cid),
+                )
+                for cid in self.client_ids
+            ]
+            deadline = time.monotonic() + 60
+            while path.read_text().count(marker) < before + len(self.processes):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+                    raise IotgwError(f"{self.name} did not start; see {path}")
+                await asyncio.sleep(0.1)
+            if self.name == "naive_bridge":
+                await asyncio.sleep(1.0)  # paho subscribes in its own thread after connecting
+        log.close()
+
+    def usage(self) -> tuple[float, float]:
+        stats = [process_usage(p.pid) for p in self.processes]
+        return sum(c for c, _ in stats), max((r for _, r in stats), default=0.0)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
+
+
+def _latency(
+    watch: Watch, sent_at: dict[tuple[str, int], float], keys: list[tuple[str, int]]
+) -> dict[str, Any]:
+    values = sorted((watch.arrived[k] - sent_at[k]) * 1000 for k in keys if k in watch.arrived)
+    if not values:
+        return {"readings": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "readings": len(values),
+        "p50_ms": round(statistics.median(values), 2),
+        "p99_ms": round(values[max(0, int(len(values) * 0.99) - 1)], 2),
+        "max_ms": round(values[-1], 2),
+    }
+
+
+async def measure(
+    subject: Subject,
+    readings: list[Reading],
+    live: int,
+    rates: list[float],
+    seconds: float,
+    report: Report,
+) -> dict[str, Any]:
+    """Drain, live and latency figures of one subject."""
+    backlog = readings[: len(readings) - live - sum(int(r * seconds) for r in rates)]
+    rest = readings[len(backlog) :]
+    report(f"{subject.name}: creating its session, then preloading {len(backlog)} readings")
+    await subject.start()
+    subject.stop()
+    async with Publisher(subject.settings) as publisher:
+        await publisher.run(backlog)
+    async with Watch(subject.settings, subject.topic) as watch:
+        report(f"{subject.name}: draining the backlog")
+        started = time.perf_counter()
+        await subject.start()
+        finished = await watch.until({r.key for r in backlog}, DRAIN_LIMIT_S)
+        drain_s = time.perf_counter() - started
+        drained = sum(1 for r in backlog if r.key in watch.arrived)
+        cpu, _ = subject.usage()
+        result: dict[str, Any] = {
+            "name": subject.name,
+            "readings_per_s": round(drained / drain_s),
+            "drain": {
+                "readings": drained,
+                "of": len(backlog),
+                "seconds": round(drain_s, 2),
+                "finished": finished,
+            },
+            "cpu_s_per_10k": round(cpu / max(drained, 1) * 10_000, 2),
+        }
+        if finished:
+            report(f"{subject.name}: publishing {live} readings live")
+            live_readings, rest = rest[:live], rest[live:]
+            async with Publisher(subject.settings) as publisher:
+                started = time.perf_counter()
+                await publisher.run(live_readings)
+            done = await watch.until({r.key for r in live_readings}, DRAIN_LIMIT_S)
+            result["live_readings_per_s"] = (
+                round(len(live_readings) / (time.perf_counter() - started)) if done else None
+            )
+            latency: dict[str, Any] = {}
+            for rate in rates:
+                batch, rest = rest[: int(rate * seconds)], rest[int(rate * seconds) :]
+                report(f"{subject.name}: latency at {rate:g} readings/s")
+                async with Publisher(subject.settings) as publisher:
+                    await publisher.run(batch, rate)
+                await watch.until({r.key for r in batch}, 60)
+                latency[str(int(rate))] = _latency(watch, publisher.sent_at, [r.key for r in batch])
+            result["latency"] = latency
+            top = latency.get("5000") or latency.get(str(int(rates[-1]))) if rates else {}
+            result.update({k: (top or {}).get(k) for k in ("p50_ms", "p99_ms", "max_ms")})
+            published = {r.key for r in readings}
+            await watch.until(published, 30)
+            result["lost"] = len(published - watch.arrived.keys())
+            result["duplicates"] = watch.records - len(watch.arrived)
+        else:
+            result.update(
+                {
+                    "live_readings_per_s": None,
+                    "latency": {},
+                    "p50_ms": None,
+                    "p99_ms": None,
+                    "max_ms": None,
+                    "lost": None,
+                }
+            )
+        result["rss_mb"] = round(subject.usage()[1], 1)
+    subject.stop()
+    return result
+
+
+async def writer_points_per_s(settings: Settings, expected: int, logs: Path) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "IOTGW_INFLUX_URL": str(settings.influx_url),
+        "IOTGW_INFLUX_DB": settings.influx_db,
+        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
+        "IOTGW_WRITER_GROUP": f"{settings.topic_prefix}-writer",
+        "IOTGW_METRICS_PORT": "0",
+    }
+    with (logs / "writer.log").open("ab") as log:
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "writer"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    started = time.perf_counter()
+    count = 0
+    try:
+        async with InfluxClient(str(settings.influx_url)) as influx:
+            while time.perf_counter() - started < 120:
+                try:
+                    results = await influx.query(
+                        'SELECT count("seq") FROM /.*/', db=settings.influx_db
+                    )
+                    count = sum(
+                        int(s["values"][0][1]) for r in results for s in r.get("series", [])
+                    )
+                except IotgwError:
+                    count = 0
+                if count >= expected:
+                    break
+                await asyncio.sleep(0.25)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        writer.wait(15)
+    seconds = time.perf_counter() - started
+    return {"points": count, "seconds": round(seconds, 2), "points_per_s": round(count / seconds)}
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = next(
+        line.split()[1]
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    mosquitto = subprocess.run(
+        ["mosquitto", "-h"], capture_output=True, text=True
+    ).stdout.splitlines()[:1]
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(int(memory) / 1024 / 1024, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "kafka": kafka_version(LOCAL_TEMPLATES / "pom.xml"),
+        "mosquitto": mosquitto[0] if mosquitto else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+async def bench(
+    base: Settings,
+    *,
+    readings: int,
+    live: int,
+    rates: list[float],
+    seconds: float,
+    runs: list[str],
+    out: Path,
+    report: Report,
+) -> dict[str, Any]:
+    """Every run, one after the other, on the same pre-generated readings."""
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_debian_packages(["mosquitto_sub"], out / "install.log", report)
+    total = readings + live + sum(int(r * seconds) for r in rates)
+    report(f"generating {total} readings of {DEVICES} devices")
+    pregenerated = pregenerate(total)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "runs": []}
+    for name in runs:
+        suffix = uuid.uuid4().hex[:8]
+        settings = base.model_copy(update={
+            "topic_prefix": f"bench{suffix}", "mqtt_share_group": f"bench-{suffix}",
+            "mqtt_client_id": f"bench-{name}-{suffix}", "influx_db": f"bench_{suffix}",
+        })  # fmt: skip
+        topics = Topics(settings.topic_prefix)
+        await ensure_topics(settings)
+        topic = topics.readings
+        if name in ("raw_pipe", "naive_bridge"):
+            topic = f"{settings.topic_prefix}.{'raw' if name == 'raw_pipe' else 'naive'}"
+            async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+                await admin.create_topics([NewTopic(topic, settings.readings_partitions, 1)])
+        else:
+            fleet = build_fleet(DEVICES, 7)
+            async with RegistryWriter(settings) as writer:
+                await writer.put(*(device.record() for device in fleet))
+        subject = Subject(name, settings, topic, logs)
+        try:
+            run = await measure(subject, pregenerated, live, rates, seconds, report)
+            if name == "iotgw_1" and run["lost"] is not None:
+                report("writer: points/s into InfluxDB over iotgw_1's readings")
+                run["writer"] = await writer_points_per_s(settings, total, logs)
+            results["runs"].append(run)
+        finally:
+            subject.stop()
+            await _forget(settings, subject.client_ids)
+            async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+                await admin.delete_topics(
+                    [s.name for s in topics.specs()] + ([topic] if topic != topics.readings else [])
+                )
+            async with InfluxClient(str(settings.influx_url)) as influx:
+                await influx.query(f'DROP DATABASE "{settings.influx_db}"', method="POST")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, out / "latest.png")
+    return results
+
+
+async def _forget(settings: Settings, client_ids: list[str]) -> None:
+    """Remove the subject's sessions: the broker would queue readings for them."""
+    for client_id in client_ids:
+        client = Client(client_id, clean_session=True, session_expiry_interval=0)
+        await client.connect(settings.mqtt.host, settings.mqtt.port)
+        await client.disconnect()
+
+
+def bench_table(results: dict[str, Any]) -> Table:
+    rates = sorted({rate for run in results["runs"] for rate in run.get("latency", {})}, key=float)
+    table = Table(
+        "run", "drain /s", "live /s", *(f"p50/p99/max ms @{r}/s" for r in rates),
+        "CPU s/10k", "RSS MB", "lost", title="iotgw bench",
+    )  # fmt: skip
+
+    def lat(run: dict[str, Any], rate: str) -> str:
+        found = run.get("latency", {}).get(rate)
+        if not found or found.get("p50_ms") is None:
+            return "-"
+        return f"{found['p50_ms']:g} / {found['p99_ms']:g} / {found['max_ms']:g}"
+
+    for run in results["runs"]:
+        behind = "" if run["drain"]["finished"] else " (behind)"
+        table.add_row(
+            run["name"],
+            f"{run['readings_per_s']:,}{behind}",
+            f"{run['live_readings_per_s']:,}" if run.get("live_readings_per_s") else "-",
+            *(lat(run, rate) for rate in rates),
+            f"{run['cpu_s_per_10k']:g}",
+            f"{run['rss_mb']:g}",
+            "-" if run.get("lost") is None else str(run["lost"]),
+        )
+    writer = next((r["writer"] for r in results["runs"] if "writer" in r), None)
+    if writer:
+        table.caption = f"writer: {writer['points_per_s']:,} points/s into InfluxDB"
+    return table
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Throughput per run and the latency distribution at the highest rate, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    names = [r["name"] for r in runs]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.bar(names, [r["readings_per_s"] for r in runs], color="#4c72b0", label="drain")
+    left.bar(
+        names,
+        [r.get("live_readings_per_s") or 0 for r in runs],
+        color="#dd8452",
+        alpha=0.6,
+        label="live",
+    )
+    left.set_title("readings/s")
+    left.legend()
+    for rate_key in ("1000", "5000"):
+        points = [(r["name"], r.get("latency", {}).get(rate_key, {})) for r in runs]
+        right.plot(
+            [n for n, p in points if p.get("p99_ms") is not None],
+            [p["p99_ms"] for _, p in points if p.get("p99_ms") is not None],
+            marker="o", label=f"p99 at {rate_key}/s",
+        )  # fmt: skip
+        right.plot(
+            [n for n, p in points if p.get("p50_ms") is not None],
+            [p["p50_ms"] for _, p in points if p.get("p50_ms") is not None],
+            marker="x", linestyle="--", label=f"p50 at {rate_key}/s",
+        )  # fmt: skip
+    right.set_yscale("log")
+    right.set_title("publish to Kafka latency (ms)")
+    right.legend()
+    machine_info = results["machine"]
+    figure.suptitle(f"iotgw bench, {machine_info['cpus']} cores, {machine_info['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,41 @@
+"""A smoke run of the benchmark harness with tiny counts: every run, every field."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings
+from simulators.bench import RUNS
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_smoke_run_reports_every_run_and_field(settings: Settings, tmp_path: Path) -> None:
+    """`iotgw bench` with tiny counts writes latest.json with all four runs and a chart."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--readings", "300", "--live", "200",
+         "--rates", "100,200", "--seconds", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert {"cpus", "cpu_model", "memory_gib", "kafka", "python"} <= set(results["machine"])
+    assert [run["name"] for run in results["runs"]] == list(RUNS)
+    for run in results["runs"]:
+        for key in ("readings_per_s", "p50_ms", "p99_ms", "cpu_s_per_10k", "rss_mb", "lost"):
+            assert key in run, (run["name"], key)
+        assert run["drain"]["finished"], run["name"]
+        assert run["readings_per_s"] > 0
+        assert run["lost"] == 0, run["name"]
+        assert set(run["latency"]) == {"100", "200"}
+    iotgw_1 = next(run for run in results["runs"] if run["name"] == "iotgw_1")
+    assert iotgw_1["writer"]["points"] >= 300 + 200 + 300
+    assert (tmp_path / "latest.png").stat().st_size > 10_000
+    assert "iotgw bench" in result.stdout
