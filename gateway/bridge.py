@@ -19,7 +19,7 @@ from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
 from gateway.errors import IotgwError
-from gateway.kafka import create_producer, describe_kafka_error
+from gateway.kafka import create_producer, describe_kafka_error, started
 from gateway.observability import BridgeMetrics, HealthServer
 from gateway.ratelimit import RateLimiter
 from gateway.registry import DeviceRegistry
@@ -311,16 +311,9 @@ class Bridge:
             loop.set_exception_handler(previous_handler)
 
     async def _start_producer(self) -> AIOKafkaProducer:
-        producer = create_producer(self.settings, max_batch_size=_BATCH_BYTES)
-        try:
-            await asyncio.wait_for(producer.start(), self.settings.timeout_s)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            await producer.stop()
-            raise IotgwError(
-                f"Kafka is unreachable at {self.settings.kafka_bootstrap}: "
-                f"{describe_kafka_error(exc)}"
-            ) from None
-        return producer
+        return await started(
+            create_producer(self.settings, max_batch_size=_BATCH_BYTES), self.settings
+        )
 
     async def _connect(self) -> None:
         endpoint = self.settings.mqtt

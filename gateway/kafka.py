@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
@@ -35,6 +35,21 @@ def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
+
+
+Startable = TypeVar("Startable", AIOKafkaProducer, AIOKafkaConsumer)
+
+
+async def started(client: Startable, settings: Settings) -> Startable:
+    """Start an aiokafka client within the configured timeout; IotgwError if Kafka is away."""
+    try:
+        await asyncio.wait_for(client.start(), settings.timeout_s)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        await client.stop()
+        raise IotgwError(
+            f"Kafka is unreachable at {settings.kafka_bootstrap}: {describe_kafka_error(exc)}"
+        ) from None
+    return client
 
 
 @asynccontextmanager

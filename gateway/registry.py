@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from gateway.errors import IotgwError
-from gateway.kafka import create_producer, describe_kafka_error, topic_partitions
+from gateway.kafka import create_producer, describe_kafka_error, started, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device
@@ -183,16 +183,7 @@ class RegistryWriter:
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> Self:
-        producer = create_producer(self._settings)
-        try:
-            await asyncio.wait_for(producer.start(), self._settings.timeout_s)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            await producer.stop()
-            raise IotgwError(
-                f"Kafka is unreachable at {self._settings.kafka_bootstrap}: "
-                f"{describe_kafka_error(exc)}"
-            ) from None
-        self._producer = producer
+        self._producer = await started(create_producer(self._settings), self._settings)
         return self
 
     async def __aexit__(

@@ -8,7 +8,6 @@ import functools
 import json
 import logging
 import time
-from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -16,7 +15,7 @@ from aiokafka.errors import KafkaError
 from gmqtt import Client
 
 from gateway.errors import IotgwError
-from gateway.kafka import describe_kafka_error, topic_partitions
+from gateway.kafka import started, topic_partitions
 from gateway.observability import HealthServer, RulesMetrics
 from gateway.registry import DeviceRegistry
 from gateway.rules import Alert, RuleEngine, RuleState
@@ -86,16 +85,17 @@ class RulesService:
         try:
             await self.registry.start()
             await self._load_states()
-            self._producer = await self._start(
+            self._producer = await started(
                 AIOKafkaProducer(
                     bootstrap_servers=self.settings.kafka_bootstrap,
                     transactional_id=self.settings.rules_instance_id,
                     enable_idempotence=True,
                     acks="all",
-                )
+                ),
+                self.settings,
             )
             self._mqtt = await self._connect_mqtt()
-            self._consumer = await self._start(
+            self._consumer = await started(
                 AIOKafkaConsumer(
                     self.topics.readings,
                     bootstrap_servers=self.settings.kafka_bootstrap,
@@ -103,7 +103,8 @@ class RulesService:
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
                     isolation_level="read_committed",
-                )
+                ),
+                self.settings,
             )
             log.info(
                 "event=rules_started rules=%d group=%s states=%d metrics=http://%s:%d/metrics",
@@ -117,17 +118,6 @@ class RulesService:
         finally:
             await self._shutdown()
 
-    async def _start(self, client: Any) -> Any:
-        try:
-            await asyncio.wait_for(client.start(), self.settings.timeout_s)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            await client.stop()
-            raise IotgwError(
-                f"Kafka is unreachable at {self.settings.kafka_bootstrap}: "
-                f"{describe_kafka_error(exc)}"
-            ) from None
-        return client
-
     async def _load_states(self) -> None:
         """Read the compacted state topic to its end (committed records only)."""
         topic = self.topics.rules_state
@@ -137,12 +127,13 @@ class RulesService:
                 self.settings.kafka_bootstrap, topic, self.settings.timeout_s
             )
         ]
-        consumer = await self._start(
+        consumer = await started(
             AIOKafkaConsumer(
                 bootstrap_servers=self.settings.kafka_bootstrap,
                 enable_auto_commit=False,
                 isolation_level="read_committed",
-            )
+            ),
+            self.settings,
         )
         try:
             consumer.assign(partitions)

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from gateway.errors import IotgwError
-from gateway.kafka import create_producer, describe_kafka_error
+from gateway.kafka import create_producer, describe_kafka_error, started
 from gateway.lineprotocol import LineProtocolError, point, series_key
 from gateway.observability import HealthServer, WriterMetrics
 from gateway.registry import DeviceRegistry
@@ -175,8 +175,8 @@ class Writer:
         try:
             await self.registry.start()
             await self._ensure_database()
-            self._producer = await self._start(create_producer(self.settings))
-            self._consumer = await self._start(
+            self._producer = await started(create_producer(self.settings), self.settings)
+            self._consumer = await started(
                 AIOKafkaConsumer(
                     self.topics.readings,
                     self.topics.alerts,
@@ -189,7 +189,8 @@ class Writer:
                     # Alerts are written in transactions: only committed ones are points.
                     isolation_level="read_committed",
                     request_timeout_ms=int(self.settings.timeout_s * 1000) + 30_000,
-                )
+                ),
+                self.settings,
             )
             log.info(
                 "event=writer_started group=%s influx=%s db=%s batch=%d flush_s=%s "
@@ -207,17 +208,6 @@ class Writer:
             log.warning("event=stopped_while_influx_failing uncommitted_records_are_read_again")
         finally:
             await self._shutdown()
-
-    async def _start(self, client: Any) -> Any:
-        try:
-            await asyncio.wait_for(client.start(), self.settings.timeout_s)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            await client.stop()
-            raise IotgwError(
-                f"Kafka is unreachable at {self.settings.kafka_bootstrap}: "
-                f"{describe_kafka_error(exc)}"
-            ) from None
-        return client
 
     async def _ensure_database(self) -> None:
         """Create the database (idempotent), waiting while InfluxDB does not answer."""
