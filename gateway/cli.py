@@ -24,7 +24,9 @@ from gateway.kafka import TopicResult, ensure_topics
 from gateway.rules_file import load_rules
 from gateway.rules_service import RulesService
 from gateway.settings import Settings, load_settings
-from gateway.terminal import console, print_error, say
+from gateway.tail import format_reading, tail
+from gateway.terminal import console, errors, print_error, say
+from gateway.topics import Topics
 from gateway.writer import Writer
 from simulators.audit import SendLog, audit_until_settled
 from simulators.bench import RUNS, bench, bench_table
@@ -293,6 +295,28 @@ def audit_command(
         console.print(audit_table(report))
     if report.lost:
         raise typer.Exit(1)
+
+
+@app.command("tail")
+def tail_command(
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many readings.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print canonical JSON lines.")] = False,
+) -> None:
+    """Live view of validated readings as they reach iot.readings (Ctrl-C stops)."""
+    settings = load_settings()
+
+    def emit(reading: dict[str, Any]) -> None:
+        print(json.dumps(reading) if as_json else format_reading(reading), flush=True)
+
+    def ready() -> None:
+        errors.print(
+            f"following {Topics(settings.topic_prefix).readings}"
+            + (f" for {device}" if device else ""),
+            highlight=False,
+        )
+
+    asyncio.run(tail(settings, emit, device=device, count=count, on_ready=ready))
 
 
 @app.command("bench")

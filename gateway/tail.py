@@ -1,0 +1,69 @@
+"""`iotgw tail`: a live view of validated readings as they reach iot.readings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway.kafka import started, topic_partitions
+from gateway.settings import Settings
+from gateway.topics import Topics
+
+
+def format_reading(reading: dict[str, Any]) -> str:
+    """One line for people: time, device, type, seq and the metrics."""
+    when = datetime.fromtimestamp(reading["ts"] / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
+    metrics = " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in reading["metrics"].items()
+    )
+    return f"{when} {reading['device_id']} {reading['type']} #{reading['seq']} {metrics}"
+
+
+async def tail(
+    settings: Settings,
+    emit: Callable[[dict[str, Any]], None],
+    *,
+    device: str | None = None,
+    count: int | None = None,
+    on_ready: Callable[[], None] = lambda: None,
+) -> int:
+    """Follow new readings (optionally of one device) until `count` were shown; returns how many."""
+    topic = Topics(settings.topic_prefix).readings
+    ids = await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
+    partitions = [TopicPartition(topic, p) for p in ids]
+    consumer = await started(
+        AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+        ),
+        settings,
+    )
+    shown = 0
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)
+        on_ready()
+        while count is None or shown < count:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    reading = json.loads(record.value)
+                    if device is not None and reading.get("device_id") != device:
+                        continue
+                    emit(reading)
+                    shown += 1
+                    if count is not None and shown >= count:
+                        return shown
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await consumer.stop()
+    return shown
