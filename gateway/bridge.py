@@ -18,6 +18,7 @@ from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.mqtt.handler import MQTTConnectError
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.kafka import create_producer, describe_kafka_error, started
 from gateway.observability import BridgeMetrics, HealthServer
@@ -37,10 +38,6 @@ _RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _MAX_ROUND = 5000
 # One Kafka request carries up to this many bytes of one partition's records.
 _BATCH_BYTES = 512 * 1024
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class NotAcknowledged(Exception):  # noqa: N818 - a signal to gmqtt, not an error
@@ -259,6 +256,7 @@ class Bridge:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.health: HealthServer | None = None
 
     @property
@@ -277,13 +275,9 @@ class Bridge:
         loop = asyncio.get_running_loop()
         previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(_quiet_not_acknowledged)
-        self.health = HealthServer(
-            self.settings.metrics_host,
-            self.settings.metrics_port_for("bridge"),
-            self.metrics.registry,
-            self.readiness,
+        self.health = HealthServer.start_for(
+            self.settings, "bridge", self.metrics.registry, self.readiness
         )
-        self.health.start()
         publisher_task: asyncio.Task[None] | None = None
         try:
             await self.registry.start()
@@ -377,12 +371,10 @@ class Bridge:
         done = self._publisher.submit(outcomes)
         self._in_flight += 1
         self._idle.clear()
-        self.metrics.in_flight.set(self._in_flight)
         try:
             await done
         finally:
             self._in_flight -= 1
-            self.metrics.in_flight.set(self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
         if epoch != self._epoch or not self._connected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -142,13 +143,23 @@ def topics_create() -> None:
     console.print(_topic_table(asyncio.run(ensure_topics(settings))))
 
 
-async def _serve(service: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service until SIGINT or SIGTERM, which start its graceful shutdown."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await service(stop)
+Service = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def _serve(build: Callable[[Settings], Service]) -> None:
+    """Load the settings, build the service, run it until SIGINT or SIGTERM, which start
+    its graceful shutdown."""
+    service = build(load_settings())
+    _service_logging()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await service(stop)
+
+    asyncio.run(main())
 
 
 def _service_logging() -> None:
@@ -164,9 +175,7 @@ def _service_logging() -> None:
 @run_app.command("bridge")
 def run_bridge() -> None:
     """MQTT readings in, validated, into Kafka; each acknowledged only after Kafka did."""
-    settings = load_settings()
-    _service_logging()
-    asyncio.run(_serve(Bridge(settings).run))
+    _serve(lambda settings: Bridge(settings).run)
 
 
 async def run_services(settings: Settings, stop: asyncio.Event) -> None:
@@ -194,18 +203,13 @@ async def run_services(settings: Settings, stop: asyncio.Event) -> None:
 @run_app.command("all")
 def run_all() -> None:
     """The bridge, the writer and the rules engine in one process (small sites, the demo)."""
-    settings = load_settings()
-    _service_logging()
-    asyncio.run(_serve(lambda stop: run_services(settings, stop)))
+    _serve(lambda settings: functools.partial(run_services, settings))
 
 
 @run_app.command("rules")
 def run_rules() -> None:
     """The rules engine: alerts from readings, MQTT commands and webhooks on firing."""
-    settings = load_settings()
-    _service_logging()
-    service = RulesService(settings)
-    asyncio.run(_serve(service.run))
+    _serve(lambda settings: RulesService(settings).run)
 
 
 rules_app = typer.Typer(help="Alerting rules.", no_args_is_help=True)
@@ -225,9 +229,7 @@ def rules_validate(
 @run_app.command("writer")
 def run_writer() -> None:
     """Readings, alerts and dead letters from Kafka into InfluxDB, in batches."""
-    settings = load_settings()
-    _service_logging()
-    asyncio.run(_serve(Writer(settings).run))
+    _serve(lambda settings: Writer(settings).run)
 
 
 @app.command("simulate")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
+from gateway.clock import now_ms
 from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
 from gateway.errors import IotgwError
 from gateway.registry import DeviceRegistry, RegistryWriter
@@ -28,10 +28,6 @@ T = TypeVar("T")
 
 DeviceIdArg = Annotated[str, typer.Argument(metavar="ID", help="The device id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _run_with_registry(work: Callable[[Settings, DeviceRegistry], Awaitable[T]]) -> T:
@@ -90,7 +86,7 @@ def register(
     """Register a device (or change one with --update)."""
     try:
         device = build_device(
-            device_id, device_type, registered_at=_now_ms(), name=name, site=site, room=room
+            device_id, device_type, registered_at=now_ms(), name=name, site=site, room=room
         )
     except DeviceInputError as exc:
         raise IotgwError(str(exc), exit_code=2) from None
@@ -212,7 +208,7 @@ def import_csv(
         text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise IotgwError(f"cannot read {file}: {exc}", exit_code=2) from None
-    parsed = parse_devices_csv(text, registered_at=_now_ms())
+    parsed = parse_devices_csv(text, registered_at=now_ms())
     for problem in parsed.errors:
         errors.print(f"{file}: {problem}", highlight=False, markup=False, soft_wrap=True)
     if parsed.errors and not skip_invalid:

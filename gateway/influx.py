@@ -50,7 +50,7 @@ class InfluxClient:
         )
         if response.status_code != 204:
             raise IotgwError(
-                f"InfluxDB rejected a write ({response.status_code}): {_reason(response)}"
+                f"InfluxDB rejected a write ({response.status_code}): {influx_reason(response)}"
             )
 
     async def query(self, q: str, *, db: str | None = None, method: str = "GET") -> list[Any]:
@@ -60,7 +60,9 @@ class InfluxClient:
             params["db"] = db
         response = await self._send(method, "/query", params=params)
         if response.status_code != 200:
-            raise IotgwError(f"InfluxDB query failed ({response.status_code}): {_reason(response)}")
+            raise IotgwError(
+                f"InfluxDB query failed ({response.status_code}): {influx_reason(response)}"
+            )
         results: list[Any] = response.json().get("results", [])
         for result in results:
             if "error" in result:
@@ -74,7 +76,8 @@ class InfluxClient:
             raise IotgwError(f"InfluxDB is unreachable at {self.url}: {exc}") from None
 
 
-def _reason(response: httpx.Response) -> str:
+def influx_reason(response: httpx.Response) -> str:
+    """InfluxDB's own explanation of a failed request, in one line."""
     try:
         return str(response.json().get("error", response.text)).strip()
     except ValueError:

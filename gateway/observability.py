@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import IotgwError
+from gateway.settings import Service, Settings
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -157,6 +158,19 @@ class HealthServer:
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="health", daemon=True
         )
+
+    @classmethod
+    def start_for(
+        cls,
+        settings: Settings,
+        service: Service,
+        registry: CollectorRegistry,
+        checks: Callable[[], dict[str, bool]],
+    ) -> HealthServer:
+        """Serve a service's metrics and health on its configured host and port."""
+        server = cls(settings.metrics_host, settings.metrics_port_for(service), registry, checks)
+        server.start()
+        return server
 
     def start(self) -> None:
         self._thread.start()

@@ -43,7 +43,6 @@ class DeviceRegistry:
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
-        self.skipped = 0  # records that were not valid devices
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -140,7 +139,7 @@ class DeviceRegistry:
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
-            self.skipped += 1
+            log.warning("event=registry_record_without_key")
             return
         device_id = key.decode(errors="replace")
         if value is None:
@@ -149,13 +148,11 @@ class DeviceRegistry:
         try:
             device = Device.model_validate_json(value)
         except ValidationError as exc:
-            self.skipped += 1
             log.warning(
                 "event=registry_record_invalid device_id=%s errors=%d", device_id, exc.error_count()
             )
             return
         if device.device_id != device_id:
-            self.skipped += 1
             log.warning(
                 "event=registry_key_mismatch key=%s device_id=%s", device_id, device.device_id
             )

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from gmqtt import Client
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.kafka import started, topic_partitions
 from gateway.observability import HealthServer, RulesMetrics
@@ -56,7 +57,7 @@ class RulesService:
             self.registry.get,
             grace_ms=int(settings.rules_grace_s * 1000),
             devices=lambda: self.registry,
-            started_ms=_now_ms(),
+            started_ms=now_ms(),
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -75,13 +76,9 @@ class RulesService:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.health = HealthServer(
-            self.settings.metrics_host,
-            self.settings.metrics_port_for("rules"),
-            self.metrics.registry,
-            self.readiness,
+        self.health = HealthServer.start_for(
+            self.settings, "rules", self.metrics.registry, self.readiness
         )
-        self.health.start()
         try:
             await self.registry.start()
             await self._load_states()
@@ -175,7 +172,7 @@ class RulesService:
         last_tick = 0.0
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=int(_TICK_S * 1000), max_records=5000)
-            now = _now_ms()
+            now = now_ms()
             alerts: list[Alert] = []
             offsets: dict[TopicPartition, int] = {}
             for tp, records in batches.items():
@@ -305,7 +302,3 @@ class RulesService:
         if self.health is not None:
             self.health.stop()
         log.info("event=rules_stopped")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -16,7 +17,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
+from gateway.influx import influx_reason
 from gateway.kafka import create_producer, describe_kafka_error, started
 from gateway.lineprotocol import LineProtocolError, point, series_key
 from gateway.observability import HealthServer, WriterMetrics
@@ -165,13 +168,9 @@ class Writer:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
-        self.health = HealthServer(
-            self.settings.metrics_host,
-            self.settings.metrics_port_for("writer"),
-            self.metrics.registry,
-            self.readiness,
+        self.health = HealthServer.start_for(
+            self.settings, "writer", self.metrics.registry, self.readiness
         )
-        self.health.start()
         try:
             await self.registry.start()
             await self._ensure_database()
@@ -212,13 +211,13 @@ class Writer:
     async def _ensure_database(self) -> None:
         """Create the database (idempotent), waiting while InfluxDB does not answer."""
         query = {"q": f'CREATE DATABASE "{self.settings.influx_db}"'}
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             try:
                 response = await self._http.post("/query", params=query)
                 if response.status_code == 200:
                     self._influx_ok = True
                     return
-                reason = f"HTTP {response.status_code}: {response.text.strip()[:200]}"
+                reason = f"HTTP {response.status_code}: {influx_reason(response)[:200]}"
                 if response.status_code < 500:
                     raise IotgwError(f"InfluxDB refused to create the database: {reason}")
             except httpx.HTTPError as exc:
@@ -306,7 +305,7 @@ class Writer:
             started = time.monotonic()
             try:
                 response = await self._http.post("/write", params=params, content=body)
-                status, reason = response.status_code, _influx_error(response)
+                status, reason = response.status_code, influx_reason(response)
             except httpx.HTTPError as exc:
                 status, reason = 0, str(exc) or type(exc).__name__
             if 200 <= status < 300:
@@ -353,7 +352,7 @@ class Writer:
             ("error", reason.encode()),
             ("detail", detail[:300].encode()),
             ("mqtt_topic", f"devices/{device_id}/telemetry".encode()),
-            ("received_at", str(time.time_ns() // 1_000_000).encode()),
+            ("received_at", str(now_ms()).encode()),
             ("source_topic", record.topic.encode()),
         ]
         await self._producer.send_and_wait(
@@ -375,7 +374,7 @@ class Writer:
                 "iotgw_writer", {"host": socket.gethostname(), "group": self.settings.writer_group}
             ),
             {"lag": self._lag, "points_written": self._written},
-            time.time_ns() // 1_000_000,
+            now_ms(),
         )
         with contextlib.suppress(httpx.HTTPError):
             await self._http.post(
@@ -398,10 +397,3 @@ class Writer:
         if self.health is not None:
             self.health.stop()
         log.info("event=writer_stopped points_written=%d", self._written)
-
-
-def _influx_error(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text)).strip()
-    except ValueError:
-        return response.text.strip() or response.reason_phrase

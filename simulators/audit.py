@@ -84,14 +84,19 @@ class SendLog:
         return min(times), max(times)
 
 
-async def _read_topic(settings: Settings, topic: str, since_ms: int) -> list[Any]:
-    """Every record of `topic` from `since_ms` to its end offsets at the time of the call."""
+async def read_since(
+    settings: Settings, topic: str, since_ms: int, *, committed_only: bool = False
+) -> list[Any]:
+    """Every record of `topic` from `since_ms` to its end offsets at the time of the call
+    (of committed transactions only with `committed_only`)."""
     partitions = [
         TopicPartition(topic, p)
         for p in await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
     ]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
     )
     await consumer.start()
     records: list[Any] = []
@@ -152,8 +157,8 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
     topics = Topics(settings.topic_prefix)
     since = log.window_ms[0] - _SLACK_MS
     readings, dead = await asyncio.gather(
-        _read_topic(settings, topics.readings, since),
-        _read_topic(settings, topics.dead_letters, since),
+        read_since(settings, topics.readings, since),
+        read_since(settings, topics.dead_letters, since),
     )
     devices = log.devices
     in_kafka: Counter[Key] = Counter()

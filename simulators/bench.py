@@ -34,10 +34,12 @@ from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 from rich.table import Table
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.influx import InfluxClient
 from gateway.installer import ensure_debian_packages, ensure_kafka, kafka_version
 from gateway.kafka import ensure_topics, kafka_admin, topic_partitions
+from gateway.mqtt import publish_in_window
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.stack import LOCAL_TEMPLATES
@@ -62,7 +64,7 @@ class Reading:
 def pregenerate(count: int, seed: int = 7) -> list[Reading]:
     """`count` valid readings of the simulator's fleet, round-robin over its devices."""
     fleet = build_fleet(DEVICES, seed)
-    traffic = FleetTraffic(fleet, {}, seed, first_seq=time.time_ns() // 1_000_000)
+    traffic = FleetTraffic(fleet, {}, seed, first_seq=now_ms())
     out: list[Reading] = []
     now = time.time()
     while len(out) < count:
@@ -99,12 +101,7 @@ class Publisher:
         started = time.perf_counter()
         for i, reading in enumerate(readings):
             client = self._clients[hash(reading.key[0]) % PUBLISHERS][0]
-            while True:
-                try:
-                    client.publish(reading.topic, reading.payload, qos=1)
-                    break
-                except OverflowError:
-                    await asyncio.sleep(0.0005)
+            await publish_in_window(client, reading.topic, reading.payload)
             self.sent_at[reading.key] = time.perf_counter()
             if rate is not None:
                 ahead = (i + 1) / rate - (time.perf_counter() - started)

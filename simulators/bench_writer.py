@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.influx import InfluxClient
 from gateway.kafka import create_producer, ensure_topics, kafka_admin
@@ -45,7 +46,7 @@ async def fill(settings: Settings, count: int) -> None:
     await ensure_topics(settings)
     producer = create_producer(settings, linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
-    t0 = time.time_ns() // 1_000_000 - 3_600_000
+    t0 = now_ms() - 3_600_000
     types = list(METRICS)
     try:
         futures = []

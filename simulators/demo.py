@@ -23,17 +23,17 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.kafka import ensure_topics, topic_partitions
+from gateway.kafka import ensure_topics
 from gateway.settings import Settings, load_settings
 from gateway.stack import DEFAULT_STACK_DIR
 from gateway.terminal import console, print_error, say
 from gateway.topics import Topics
-from simulators.audit import SendLog, audit_until_settled
+from simulators.audit import SendLog, audit_until_settled, read_since
 from simulators.fleet import DEMO_FAULTS, parse_faults
 from simulators.runner import audit_table, run_simulation
 
@@ -127,32 +127,12 @@ def stop_services(process: subprocess.Popen[bytes]) -> None:
 
 async def alerts_table(settings: Settings, since_ms: int) -> Table:
     """The alerts of this run by rule and state (committed records of iot.alerts)."""
-    topic = Topics(settings.topic_prefix).alerts
-    partitions = [
-        TopicPartition(topic, p)
-        for p in await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
-    ]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
+    records = await read_since(
+        settings, Topics(settings.topic_prefix).alerts, since_ms, committed_only=True
     )
-    await consumer.start()
-    counts: Counter[tuple[str, str]] = Counter()
-    try:
-        consumer.assign(partitions)
-        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
-        end = await consumer.end_offsets(partitions)
-        for tp in partitions:
-            found = starts.get(tp)
-            consumer.seek(tp, found.offset if found is not None else end[tp])
-        batches = await consumer.getmany(timeout_ms=2000)
-        for records in batches.values():
-            for record in records:
-                alert = json.loads(record.value)
-                counts[(alert["rule"], alert["state"])] += 1
-    finally:
-        await consumer.stop()
+    counts = Counter(
+        (alert["rule"], alert["state"]) for alert in (json.loads(r.value) for r in records)
+    )
     table = Table("rule", "firing", "resolved", title="alerts (iot.alerts)")
     for rule in sorted({rule for rule, _ in counts}):
         table.add_row(rule, str(counts[(rule, "firing")]), str(counts[(rule, "resolved")]))
@@ -193,7 +173,7 @@ async def demo(devices: int, duration: float, rate: float) -> int:
     say(f"starting the bridge, the writer and the rules engine (log: {logs / 'demo-services.log'})")
     services, figures = start_services(logs / "demo-services.log")
     sent_log = DEFAULT_STACK_DIR / "demo-readings.jsonl"
-    started_ms = time.time_ns() // 1_000_000
+    started_ms = now_ms()
     try:
         say(f"{devices} devices, {rate:g} readings/s for {duration:g} s, faults: {DEMO_FAULTS}")
         stats = await run_simulation(

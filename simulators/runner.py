@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from rich.live import Live
 from rich.table import Table
 
+from gateway.clock import now_ms
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.terminal import console
@@ -53,9 +53,7 @@ async def run_simulation(
             await writer.put(*(device.record() for device in fleet))
         console.print(f"registered {len(fleet)} devices", highlight=False)
     # Runs never reuse a (device, seq) pair: sequences start from the start time.
-    traffic = FleetTraffic(
-        fleet, faults, seed, first_seq=time.time_ns() // 1_000_000, batch_size=batch_size
-    )
+    traffic = FleetTraffic(fleet, faults, seed, first_seq=now_ms(), batch_size=batch_size)
     with ExitStack() as stack:
         out = stack.enter_context(log.open("w")) if log is not None else None
         if console.is_terminal:

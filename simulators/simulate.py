@@ -15,6 +15,7 @@ from gmqtt.mqtt.handler import MQTTConnectError
 from gmqtt.storage import PersistentStorage
 
 from gateway.errors import IotgwError
+from gateway.mqtt import publish_in_window
 from gateway.settings import Settings
 from simulators.fleet import FleetTraffic, Message
 
@@ -63,12 +64,7 @@ class _Connection:
             ) from None
 
     async def publish(self, message: Message) -> None:
-        while True:
-            try:
-                self.client.publish(message.topic, message.payload, qos=self.qos)
-                return
-            except OverflowError:  # the broker's in-flight window is full: wait for PUBACKs
-                await asyncio.sleep(0.001)
+        await publish_in_window(self.client, message.topic, message.payload, self.qos)
 
     async def close(self, timeout_s: float) -> None:
         if self.qos:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer
@@ -14,17 +17,15 @@ from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 
 from gateway.bridge import Bridge
+from gateway.clock import now_ms
 from gateway.influx import InfluxClient
 from gateway.kafka import create_producer, ensure_topics
+from gateway.mqtt import publish_in_window
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.writer import Writer
 from schemas import Device
 from tests.conftest import unique
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def until(condition: Callable[[], bool], timeout_s: float, what: str = "condition") -> None:
@@ -34,6 +35,17 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str = "co
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s} s")
         await asyncio.sleep(0.02)
+
+
+def start_service(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`iotgw run SERVICE` as its own process, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", service],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 async def own_settings(base: Settings, **overrides: Any) -> Settings:
@@ -83,13 +95,7 @@ class DevicePublisher:
         await self.client.disconnect()
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    self.client.publish(topic, payload, qos=qos)
-                    return
-                except OverflowError:  # every packet id in flight: wait for PUBACKs
-                    await asyncio.sleep(0.002)
+        await asyncio.wait_for(publish_in_window(self.client, topic, payload, qos), 30)
 
 
 def reading_payload(

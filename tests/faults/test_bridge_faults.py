@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from tests.support import (
     own_settings,
     reading_payload,
     register,
+    start_service,
     until,
 )
 
@@ -51,13 +51,7 @@ def bridge_env(settings: Settings) -> dict[str, str]:
 @contextmanager
 def bridge_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`iotgw run bridge` as its own process; killed at the end if still running."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "bridge"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=bridge_env(settings),
-        )
+    process = start_service("bridge", bridge_env(settings), log)
     try:
         yield process
     finally:

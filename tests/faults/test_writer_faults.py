@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from gateway import stack
+from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import unique
@@ -20,10 +19,10 @@ from tests.integration.test_stack import free_ports
 from tests.support import (
     canonical,
     influx_count,
-    now_ms,
     own_settings,
     produce,
     running_writer,
+    start_service,
     until_points,
 )
 
@@ -86,16 +85,7 @@ async def test_kill_9_mid_batch_then_restart_writes_every_point_once(
     }
     log = tmp_path / "writer.log"
 
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "writer"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    first = start()
+    first = start_service("writer", env, log)
     try:
         deadline = time.monotonic() + 60
         while await influx_count(s, "thermostat") < 3000:
@@ -106,7 +96,7 @@ async def test_kill_9_mid_batch_then_restart_writes_every_point_once(
         first.kill()
         first.wait()
     written_before_restart = await influx_count(s, "thermostat")
-    second = start()
+    second = start_service("writer", env, log)
     try:
         await until_points(s, "thermostat", 20_000, timeout_s=120)
     finally:

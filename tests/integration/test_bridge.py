@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
@@ -18,7 +19,6 @@ from tests.support import (
     DevicePublisher,
     TopicReader,
     forget_session,
-    now_ms,
     own_settings,
     reading_payload,
     register,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.clock import now_ms
 from gateway.kafka import create_producer
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -19,7 +20,6 @@ from tests.conftest import unique
 from tests.support import (
     canonical,
     influx_rows,
-    now_ms,
     own_settings,
     produce,
     register,

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from gateway.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import unique
+from tests.support import until
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +47,6 @@ def env_of(settings: Settings) -> dict[str, str]:
 async def iotgw(settings: Settings, *args: str) -> Result:
     """Run `iotgw ARGS` through typer's runner (in a thread: the command runs its own loop)."""
     return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env_of(settings))
-
-
-async def until(condition: Callable[[], bool], timeout_s: float) -> None:
-    """Wait until `condition()` holds; it reads state the registry's task updates."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the state changes in another task
-            await asyncio.sleep(0.01)
 
 
 async def test_registry_is_ready_only_with_everything_loaded(registry_settings: Settings) -> None:

@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.clock import now_ms
 from gateway.rules_service import RulesService
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -27,12 +26,12 @@ from tests.support import (
     DevicePublisher,
     TopicReader,
     forget_session,
-    now_ms,
     own_settings,
     register,
     running,
     running_bridge,
     running_writer,
+    start_service,
     until,
     until_points,
 )
@@ -259,17 +258,8 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
     }
     log = tmp_path / "rules.log"
 
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "rules"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
     t0 = now_ms() - 600_000
-    engine = start()
+    engine = start_service("rules", env, log)
     try:
         async with (
             TopicReader(s, Topics(s.topic_prefix).alerts, committed_only=True) as alerts,
@@ -291,7 +281,7 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
             await publish_series(
                 s, device_id, [(t, {"temperature_c": v}) for t, v in cooling], t0, "thermostat"
             )
-            engine = start()
+            engine = start_service("rules", env, log)
             await alerts.wait_for(2, 60)
             await asyncio.sleep(2)
     finally:

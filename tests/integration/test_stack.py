@@ -19,10 +19,12 @@ from gmqtt import Client
 from gateway import stack
 from gateway.errors import IotgwError
 from gateway.kafka import broker_ids, create_producer, kafka_admin
+from gateway.mqtt import publish_in_window
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import stack_settings, unique
 from tests.integration.test_servers import consume
+from tests.support import until
 
 pytestmark = pytest.mark.integration
 
@@ -178,8 +180,8 @@ async def test_mosquitto_keeps_a_large_backlog_across_a_restart(tmp_path: Path) 
         publisher = Client(unique("device"))
         await publisher.connect(endpoint.host, endpoint.port)
         for i in range(total):
-            await _publish_in_flight_window(publisher, topic, str(i).encode())
-        await _until(lambda: len(witness_got) == total, 30)
+            await publish_in_window(publisher, topic, str(i).encode())
+        await until(lambda: len(witness_got) == total, 30)
         await publisher.disconnect()
         await witness.disconnect()
 
@@ -188,7 +190,7 @@ async def test_mosquitto_keeps_a_large_backlog_across_a_restart(tmp_path: Path) 
 
         delivered: list[bytes] = []
         returning = await session(delivered)
-        await _until(lambda: len(delivered) >= total, 30)
+        await until(lambda: len(delivered) >= total, 30)
         await returning.disconnect()
         assert delivered == [str(i).encode() for i in range(total)]
     finally:
@@ -209,24 +211,6 @@ async def _subscriber(host: str, port: int, topic: str, sink: list[bytes]) -> Cl
     client.subscribe(topic, qos=1)
     await asyncio.wait_for(subscribed.wait(), 10)
     return client
-
-
-async def _publish_in_flight_window(client: Client, topic: str, payload: bytes) -> None:
-    """Publish at QoS 1 once the broker's in-flight window (receive maximum) has room."""
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                client.publish(topic, payload, qos=1)
-                return
-            except OverflowError:  # every packet id is in flight: wait for PUBACKs
-                await asyncio.sleep(0.005)
-
-
-async def _until(condition: Any, timeout_s: float) -> None:
-    """Wait until `condition()` holds; it reads state that gmqtt's callbacks update."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the state changes in library callbacks
-            await asyncio.sleep(0.05)
 
 
 async def test_three_broker_cluster_serves_on_after_a_broker_is_killed(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
+from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.tail import format_reading
 from gateway.topics import Topics
 from tests.conftest import unique
-from tests.support import canonical, now_ms, own_settings, produce
+from tests.support import canonical, own_settings, produce
 
 pytestmark = pytest.mark.integration
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from gateway.clock import now_ms
 from gateway.influx import InfluxClient
 from gateway.kafka import topic_partitions
 from gateway.settings import Settings
@@ -19,7 +20,6 @@ from tests.support import (
     canonical,
     influx_count,
     influx_rows,
-    now_ms,
     own_settings,
     produce,
     register,
