@@ -121,6 +121,16 @@ def _has_leaders(described: dict[str, Any] | None) -> bool:
     )
 
 
+async def consumer_lag(consumer: AIOKafkaConsumer) -> int:
+    """Records in the consumer's assigned partitions that it has not read yet."""
+    lag = 0
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            lag += max(0, highwater - await consumer.position(tp))
+    return lag
+
+
 @dataclass(frozen=True)
 class TopicResult:
     """What `ensure_topics` did with one topic."""

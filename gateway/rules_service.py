@@ -16,7 +16,7 @@ from gmqtt import Client
 
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.kafka import started, topic_partitions
+from gateway.kafka import consumer_lag, started, topic_partitions
 from gateway.observability import HealthServer, RulesMetrics
 from gateway.registry import DeviceRegistry
 from gateway.rules import Alert, RuleEngine, RuleState
@@ -197,12 +197,7 @@ class RulesService:
                 self._act(alert)
 
     async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        lag = 0
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag += max(0, highwater - await consumer.position(tp))
-        self.metrics.lag.set(lag)
+        self.metrics.lag.set(await consumer_lag(consumer))
 
     async def _commit(self, alerts: list[Alert], offsets: dict[TopicPartition, int]) -> None:
         """Alerts, changed states and offsets, all or nothing."""

@@ -20,7 +20,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.influx import influx_reason
-from gateway.kafka import create_producer, describe_kafka_error, started
+from gateway.kafka import consumer_lag, create_producer, describe_kafka_error, started
 from gateway.lineprotocol import LineProtocolError, point, series_key
 from gateway.observability import HealthServer, WriterMetrics
 from gateway.registry import DeviceRegistry
@@ -253,13 +253,8 @@ class Writer:
             await self._flush(consumer)
 
     async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        lag = 0
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag += max(0, highwater - await consumer.position(tp))
-        self._lag = lag
-        self.metrics.lag.set(lag)
+        self._lag = await consumer_lag(consumer)
+        self.metrics.lag.set(self._lag)
 
     async def _flush(self, consumer: AIOKafkaConsumer) -> None:
         """Write the buffer (retrying, bisecting 4xx), dead-letter refusals, commit offsets."""
