@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import NodeNotReadyError
 from gmqtt import Client
 
 from gateway import stack
@@ -25,6 +27,8 @@ from gateway.topics import Topics
 from tests.conftest import stack_settings, unique
 from tests.integration.test_servers import consume
 from tests.support import until
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +229,7 @@ async def test_three_broker_cluster_serves_on_after_a_broker_is_killed(tmp_path:
         assert await broker_ids(plan.kafka_bootstrap, 10) == [1, 2, 3]
         topic = unique("replicated")
         async with kafka_admin(plan.kafka_bootstrap, 10) as admin:
-            await admin.create_topics([NewTopic(topic, 1, 3)])
+            await _until_nodes_ready(lambda: admin.create_topics([NewTopic(topic, 1, 3)]))
             leader = await _leader(admin, topic)
 
         producer = create_producer(settings, request_timeout_ms=30000)
@@ -256,11 +260,23 @@ async def test_three_broker_cluster_serves_on_after_a_broker_is_killed(tmp_path:
         stack.down(plan.root, purge=True)
 
 
+async def _until_nodes_ready(request: Callable[[], Awaitable[T]]) -> T:
+    """Send an admin request, again while the node it picked is still being connected to
+    (just after the cluster started, aiokafka may pick a node it has no connection to yet)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await request()
+            except NodeNotReadyError:
+                await asyncio.sleep(0.2)
+
+
 async def _leader(admin: Any, topic: str) -> int:
     """The leader of partition 0, once every broker's metadata knows it."""
     async with asyncio.timeout(30):
         while True:
-            partitions = (await admin.describe_topics([topic]))[0]["partitions"]
+            described = await _until_nodes_ready(lambda: admin.describe_topics([topic]))
+            partitions = described[0]["partitions"]
             if partitions and partitions[0]["leader"] >= 0:
                 return int(partitions[0]["leader"])
             await asyncio.sleep(0.1)
