@@ -16,11 +16,11 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv50
-from gmqtt.mqtt.handler import MQTTConnectError
 
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.kafka import create_producer, describe_kafka_error, started
+from gateway.mqtt import connect
 from gateway.observability import BridgeMetrics, HealthServer
 from gateway.ratelimit import RateLimiter
 from gateway.registry import DeviceRegistry
@@ -310,7 +310,6 @@ class Bridge:
         )
 
     async def _connect(self) -> None:
-        endpoint = self.settings.mqtt
         client = Client(
             self.settings.mqtt_client_id,
             clean_session=False,
@@ -319,23 +318,15 @@ class Bridge:
             receive_maximum=self.settings.max_in_flight,
         )
         client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
-        if endpoint.username:
-            password = endpoint.password.get_secret_value() if endpoint.password else None
-            client.set_auth_credentials(endpoint.username, password)
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = lambda *args: self._subscribed.set()
         self._client = client
-        try:
-            await asyncio.wait_for(
-                client.connect(endpoint.host, endpoint.port, ssl=endpoint.tls, version=MQTTv50),
-                self.settings.timeout_s,
-            )
-        except (OSError, TimeoutError, MQTTConnectError) as exc:
-            raise IotgwError(
-                f"MQTT broker unreachable at {endpoint.host}:{endpoint.port}: {exc or 'timed out'}"
-            ) from None
+        await connect(
+            client, self.settings.mqtt, ca_file=self.settings.mqtt_ca_file,
+            timeout_s=self.settings.timeout_s, version=MQTTv50,
+        )  # fmt: skip
         client.subscribe(self.subscription, qos=1)
         # Ready only once the broker confirmed the subscription: before that, readings of
         # a group that never subscribed have no one to be delivered to.

@@ -19,9 +19,11 @@ from typer.core import TyperGroup
 
 from gateway import stack
 from gateway.bridge import Bridge
+from gateway.certs import ensure_certificates
 from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
+from gateway.mqtt_auth import GATEWAY_USER, PasswordFile
 from gateway.rules_file import load_rules
 from gateway.rules_service import RulesService
 from gateway.settings import Settings, load_settings
@@ -92,7 +94,13 @@ def stack_up(
     kafka_brokers: Annotated[
         int, typer.Option(min=1, max=9, help="Kafka nodes; 3 gives replication 3, min ISR 2.")
     ] = 1,
-    mqtt_port: Annotated[int, typer.Option(help="Mosquitto's port.")] = 1883,
+    mqtt_port: Annotated[
+        int, typer.Option(help="Mosquitto's plain port (loopback, anonymous).")
+    ] = 1883,
+    mqtts_port: Annotated[
+        int | None,
+        typer.Option(help="Mosquitto's TLS port with logins [default: MQTT port + 7000]."),
+    ] = None,
     kafka_port: Annotated[int, typer.Option(help="First Kafka broker's port.")] = 9092,
     influx_port: Annotated[int, typer.Option(help="InfluxDB's HTTP port.")] = 8086,
     timeout: Annotated[
@@ -102,11 +110,20 @@ def stack_up(
 ) -> None:
     """Install what is missing, start the servers, wait until they serve, create topics."""
     settings = load_settings()
-    plan = stack.StackPlan(root, mqtt_port, kafka_port, kafka_brokers, influx_port)
+    plan = stack.StackPlan(
+        root, mqtt_port, kafka_port, kafka_brokers, influx_port, mqtts_port=mqtts_port
+    )
     result = asyncio.run(stack.up(plan, settings, report=say, timeout_s=timeout))
     console.print(_server_table(result.servers))
     if result.topics:
         console.print(_topic_table(result.topics))
+    if "mosquitto" in plan.kinds:
+        console.print(
+            f"secure MQTT: mqtts://{stack.HOST}:{plan.secure_mqtt_port} (CA {plan.certs.ca_cert}; "
+            f"gateway login {GATEWAY_USER}, its password in {plan.gateway_password_file})",
+            soft_wrap=True,
+            highlight=False,
+        )
     console.print(
         f"stack ready in {result.seconds:.1f} s (Apache Kafka {result.kafka_version}); "
         f"logs in {root / 'logs'}; stop it with `iotgw stack down`",
@@ -141,6 +158,51 @@ def topics_create() -> None:
     """Create iotgw's topics on the configured Kafka; existing topics are left as they are."""
     settings = load_settings()
     console.print(_topic_table(asyncio.run(ensure_topics(settings))))
+
+
+broker_app = typer.Typer(
+    help="The MQTT broker's TLS certificate and the gateway's login (deployments).",
+    no_args_is_help=True,
+)
+app.add_typer(broker_app, name="broker")
+
+
+@broker_app.command("init")
+def broker_init(
+    certs_dir: Annotated[
+        Path, typer.Option(help="Where ca.crt, ca.key, server.crt and server.key live.")
+    ],
+    host: Annotated[
+        list[str], typer.Option(help="A name (or IP) devices reach the broker by; repeatable.")
+    ],
+) -> None:
+    """Make the CA (once) and the broker's server certificate, and store the gateway's login
+    (the user and password of IOTGW_MQTT_URL) in IOTGW_MQTT_PASSWORD_FILE.
+
+    The local stack does this itself; Docker Compose runs it before Mosquitto starts.
+    """
+    settings = load_settings()
+    endpoint = settings.mqtt
+    if settings.mqtt_password_file is None:
+        raise IotgwError("set IOTGW_MQTT_PASSWORD_FILE: the broker's password file", exit_code=2)
+    if endpoint.username != GATEWAY_USER or endpoint.password is None:
+        raise IotgwError(
+            f"IOTGW_MQTT_URL must log in as {GATEWAY_USER} with a password "
+            f"(mqtts://{GATEWAY_USER}:PASSWORD@HOST:8883): the ACL gives that user "
+            "the gateway's rights",
+            exit_code=2,
+        )
+    files = ensure_certificates(certs_dir, host)
+    passwords = PasswordFile(settings.mqtt_password_file)
+    password = endpoint.password.get_secret_value()
+    if not passwords.check(GATEWAY_USER, password):
+        passwords.set(GATEWAY_USER, password)
+    console.print(
+        f"CA {files.ca_cert} (give it to devices); server certificate for {', '.join(host)}; "
+        f"gateway login {GATEWAY_USER} in {passwords.path}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 Service = Callable[[asyncio.Event], Awaitable[None]]

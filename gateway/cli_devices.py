@@ -12,9 +12,11 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
+from gateway import stack
 from gateway.clock import now_ms
 from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
 from gateway.errors import IotgwError
+from gateway.mqtt_auth import GATEWAY_USER, PasswordFile, generate_password
 from gateway.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.terminal import console, errors
@@ -28,6 +30,13 @@ T = TypeVar("T")
 
 DeviceIdArg = Annotated[str, typer.Argument(metavar="ID", help="The device id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+CredentialsOption = Annotated[
+    bool,
+    typer.Option(
+        "--credentials",
+        help="Make an MQTT password for the secure listener (printed once; only its hash is kept).",
+    ),
+]
 
 
 def _run_with_registry(work: Callable[[Settings, DeviceRegistry], Awaitable[T]]) -> T:
@@ -72,6 +81,63 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False))
 
 
+def _password_file(settings: Settings) -> tuple[PasswordFile, bool]:
+    """Mosquitto's password file, and whether it is the local stack's."""
+    local = stack.StackPlan().password_file
+    path = settings.mqtt_password_file or local
+    return PasswordFile(path), path.resolve() == local.resolve()
+
+
+def _reload_broker(settings: Settings) -> None:
+    """Tell the user how the broker learns of a changed password file, making it so if we can."""
+    passwords, local = _password_file(settings)
+    if local:
+        if not stack.reload_mosquitto():
+            say_quietly("the local stack's Mosquitto is not running; it reads the logins at start")
+        return
+    say_quietly(
+        f"{passwords.path} changed: Mosquitto reads it on SIGHUP "
+        "(the Compose deployment's broker does so within 2 s)"
+    )
+
+
+def say_quietly(message: str) -> None:
+    errors.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def _check_login_name(device_id: str) -> None:
+    if device_id == GATEWAY_USER:
+        raise IotgwError(
+            f"{GATEWAY_USER} is the gateway's own login on the secure listener: "
+            "a device with this id cannot have credentials",
+            exit_code=2,
+        )
+
+
+def _issue_credentials(settings: Settings, device_id: str) -> str:
+    """A new password for `device_id` on the secure listener; its hash replaces any older one."""
+    _check_login_name(device_id)
+    password = generate_password()
+    _password_file(settings)[0].set(device_id, password)
+    _reload_broker(settings)
+    return password
+
+
+def _revoke_credentials(settings: Settings, device_id: str) -> bool:
+    """Take `device_id`'s login out of the password file; the broker drops its connections."""
+    if device_id == GATEWAY_USER or not _password_file(settings)[0].remove(device_id):
+        return False
+    _reload_broker(settings)
+    return True
+
+
+def _print_password(device_id: str, password: str, as_json: bool) -> None:
+    if as_json:
+        _print_json({"device_id": device_id, "password": password})
+    else:
+        print(f"MQTT password of {device_id} (shown only now; only its hash is kept): {password}")
+
+
 @devices_app.command("register")
 def register(
     device_id: DeviceIdArg,
@@ -82,8 +148,10 @@ def register(
     site: Annotated[str | None, typer.Option(help="The building or home.")] = None,
     room: Annotated[str | None, typer.Option(help="The room.")] = None,
     update: Annotated[bool, typer.Option(help="Change a device that is registered.")] = False,
+    credentials: CredentialsOption = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Register a device (or change one with --update)."""
+    """Register a device (or change one with --update); --credentials gives it an MQTT login."""
     try:
         device = build_device(
             device_id, device_type, registered_at=now_ms(), name=name, site=site, room=room
@@ -106,8 +174,18 @@ def register(
             await writer.put(new)
         return "updated" if old is not None else "registered"
 
+    if credentials:
+        _check_login_name(device_id)
     done = _run_with_registry(work)
-    console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
+    if credentials:
+        password = _issue_credentials(load_settings(), device_id)
+        if not as_json:
+            console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
+        _print_password(device_id, password, as_json)
+    elif as_json:
+        _print_json({"device_id": device_id, "result": done})
+    else:
+        console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
 
 
 @devices_app.command("list")
@@ -153,7 +231,7 @@ def show(device_id: DeviceIdArg, as_json: JsonOption = False) -> None:
         console.print(_device_table([device]))
 
 
-def _set_enabled(device_id: str, enabled: bool) -> None:
+def _set_enabled(device_id: str, enabled: bool) -> Settings:
     word = "enabled" if enabled else "disabled"
 
     async def work(settings: Settings, registry: DeviceRegistry) -> bool:
@@ -164,20 +242,37 @@ def _set_enabled(device_id: str, enabled: bool) -> None:
             await writer.put(device.model_copy(update={"enabled": enabled}))
         return True
 
+    settings = load_settings()
     changed = _run_with_registry(work)
     console.print(f"{word} {device_id}" if changed else f"{device_id} was already {word}")
+    return settings
 
 
 @devices_app.command("enable")
-def enable(device_id: DeviceIdArg) -> None:
-    """Accept readings from a device again."""
-    _set_enabled(device_id, True)
+def enable(
+    device_id: DeviceIdArg, credentials: CredentialsOption = False, as_json: JsonOption = False
+) -> None:
+    """Accept readings from a device again; --credentials gives it a new MQTT login."""
+    if credentials:
+        _check_login_name(device_id)
+    settings = _set_enabled(device_id, True)
+    passwords, _ = _password_file(settings)
+    if credentials:
+        _print_password(device_id, _issue_credentials(settings, device_id), as_json)
+    elif passwords.path.exists() and device_id not in passwords.users():
+        say_quietly(
+            f"{device_id} has no MQTT login (disabling revoked it): "
+            f"`iotgw devices enable {device_id} --credentials` makes a new one"
+        )
 
 
 @devices_app.command("disable")
 def disable(device_id: DeviceIdArg) -> None:
-    """Reject a device's readings (dead letters with reason device_disabled); keep its record."""
-    _set_enabled(device_id, False)
+    """Reject a device's readings (dead letters with reason device_disabled) and revoke its
+    MQTT login; keep its record."""
+    settings = _set_enabled(device_id, False)
+    if _revoke_credentials(settings, device_id):
+        console.print(f"revoked the MQTT login of {device_id}")
 
 
 @devices_app.command("remove")
@@ -191,6 +286,8 @@ def remove(device_id: DeviceIdArg) -> None:
 
     _run_with_registry(work)
     console.print(f"removed {device_id}")
+    if _revoke_credentials(load_settings(), device_id):
+        console.print(f"revoked the MQTT login of {device_id}")
 
 
 @devices_app.command("import")

@@ -13,9 +13,11 @@ from gateway.errors import IotgwError
 class InfluxClient:
     """An async client of one InfluxDB server; `async with` opens and closes its connections."""
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float = 10.0, auth: tuple[str, str] | None = None
+    ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, auth=auth)
 
     async def __aenter__(self) -> Self:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from gateway.errors import IotgwError
 from gateway.settings import Settings
@@ -22,13 +24,39 @@ _TOPIC_ALREADY_EXISTS = 36
 _UNKNOWN_TOPIC = 3
 
 
+def kafka_security(settings: Settings) -> dict[str, Any]:
+    """The aiokafka options for the configured TLS and SASL (none for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        try:
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(settings.kafka_ca_file) if settings.kafka_ca_file else None
+            )
+        except (OSError, ValueError) as exc:
+            raise IotgwError(f"cannot use the CA file {settings.kafka_ca_file}: {exc}") from None
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_password is not None  # the settings require it with SASL
+        options |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_username,
+            "sasl_plain_password": settings.kafka_password.get_secret_value(),
+        }
+    return options
+
+
+def kafka_connection(settings: Settings) -> dict[str, Any]:
+    """Where Kafka is and how to connect: the options every Kafka client of iotgw starts from."""
+    return {"bootstrap_servers": settings.kafka_bootstrap, **kafka_security(settings)}
+
+
 def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     """The producer every part of iotgw uses: idempotent with acks=all (DESIGN.md, "Kafka").
 
     Idempotence keeps a device's readings in order inside its partition across retries.
     """
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **kafka_connection(settings),
         "acks": "all",
         "enable_idempotence": True,
         "request_timeout_ms": int(settings.timeout_s * 1000),
@@ -53,10 +81,15 @@ async def started(client: Startable, settings: Settings) -> Startable:
 
 
 @asynccontextmanager
-async def kafka_admin(bootstrap: str, timeout_s: float) -> AsyncIterator[AIOKafkaAdminClient]:
-    """An admin session; an unreachable cluster becomes one IotgwError within `timeout_s`."""
+async def kafka_admin(
+    bootstrap: str, timeout_s: float, **security: Any
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin session; an unreachable cluster becomes one IotgwError within `timeout_s`.
+
+    `security` takes `kafka_security(settings)`; the local stack's probes need none.
+    """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **security
     )
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -78,10 +111,17 @@ async def broker_ids(bootstrap: str, timeout_s: float) -> list[int]:
     return sorted(int(broker["node_id"]) for broker in cluster["brokers"])
 
 
-async def topic_partitions(bootstrap: str, topic: str, timeout_s: float) -> list[int]:
+def settings_admin(
+    settings: Settings,
+) -> contextlib.AbstractAsyncContextManager[AIOKafkaAdminClient]:
+    """An admin session on the configured Kafka, with its security."""
+    return kafka_admin(settings.kafka_bootstrap, settings.timeout_s, **kafka_security(settings))
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[int]:
     """The partition ids of `topic`; IotgwError naming `iotgw topics create` if it is missing."""
-    async with kafka_admin(bootstrap, timeout_s) as admin:
-        described = await _await_leaders(admin, [topic], timeout_s, missing_is_error=True)
+    async with settings_admin(settings) as admin:
+        described = await _await_leaders(admin, [topic], settings.timeout_s, missing_is_error=True)
     return sorted(int(p["partition"]) for p in described[topic]["partitions"])
 
 
@@ -148,7 +188,7 @@ async def ensure_topics(settings: Settings) -> list[TopicResult]:
     die without loss, with `min.insync.replicas=2` from the brokers), else the broker count.
     """
     specs = Topics(settings.topic_prefix).specs(settings.readings_partitions)
-    async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+    async with settings_admin(settings) as admin:
         try:
             cluster = await asyncio.wait_for(admin.describe_cluster(), settings.timeout_s)
             replication = min(3, len(cluster["brokers"]))

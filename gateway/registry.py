@@ -15,7 +15,13 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from gateway.errors import IotgwError
-from gateway.kafka import create_producer, describe_kafka_error, started, topic_partitions
+from gateway.kafka import (
+    create_producer,
+    describe_kafka_error,
+    kafka_connection,
+    started,
+    topic_partitions,
+)
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device
@@ -74,14 +80,14 @@ class DeviceRegistry:
             return
         timeout_s = self._settings.timeout_s
         self._consumer = consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap,
+            **kafka_connection(self._settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             request_timeout_ms=int(timeout_s * 1000),
             fetch_max_wait_ms=_FOLLOW_WAIT_MS,
         )
         try:
-            ids = await topic_partitions(self._settings.kafka_bootstrap, self._topic, timeout_s)
+            ids = await topic_partitions(self._settings, self._topic)
             partitions = [TopicPartition(self._topic, p) for p in ids]
             await asyncio.wait_for(consumer.start(), timeout_s)
             consumer.assign(partitions)

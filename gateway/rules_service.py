@@ -15,8 +15,8 @@ from aiokafka.errors import KafkaError
 from gmqtt import Client
 
 from gateway.clock import now_ms
-from gateway.errors import IotgwError
-from gateway.kafka import consumer_lag, started, topic_partitions
+from gateway.kafka import consumer_lag, kafka_connection, started, topic_partitions
+from gateway.mqtt import connect
 from gateway.observability import HealthServer, RulesMetrics
 from gateway.registry import DeviceRegistry
 from gateway.rules import Alert, RuleEngine, RuleState
@@ -84,7 +84,7 @@ class RulesService:
             await self._load_states()
             self._producer = await started(
                 AIOKafkaProducer(
-                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    **kafka_connection(self.settings),
                     transactional_id=self.settings.rules_instance_id,
                     enable_idempotence=True,
                     acks="all",
@@ -95,7 +95,7 @@ class RulesService:
             self._consumer = await started(
                 AIOKafkaConsumer(
                     self.topics.readings,
-                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    **kafka_connection(self.settings),
                     group_id=self.settings.rules_group,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
@@ -119,14 +119,11 @@ class RulesService:
         """Read the compacted state topic to its end (committed records only)."""
         topic = self.topics.rules_state
         partitions = [
-            TopicPartition(topic, p)
-            for p in await topic_partitions(
-                self.settings.kafka_bootstrap, topic, self.settings.timeout_s
-            )
+            TopicPartition(topic, p) for p in await topic_partitions(self.settings, topic)
         ]
         consumer = await started(
             AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                **kafka_connection(self.settings),
                 enable_auto_commit=False,
                 isolation_level="read_committed",
             ),
@@ -152,20 +149,11 @@ class RulesService:
             await consumer.stop()
 
     async def _connect_mqtt(self) -> Client:
-        endpoint = self.settings.mqtt
         client = Client(f"{self.settings.rules_instance_id}-commands")
-        if endpoint.username:
-            password = endpoint.password.get_secret_value() if endpoint.password else None
-            client.set_auth_credentials(endpoint.username, password)
-        try:
-            await asyncio.wait_for(
-                client.connect(endpoint.host, endpoint.port, ssl=endpoint.tls),
-                self.settings.timeout_s,
-            )
-        except (OSError, TimeoutError) as exc:
-            raise IotgwError(
-                f"MQTT broker unreachable at {endpoint.host}:{endpoint.port}: {exc or 'timed out'}"
-            ) from None
+        await connect(
+            client, self.settings.mqtt, ca_file=self.settings.mqtt_ca_file,
+            timeout_s=self.settings.timeout_s,
+        )  # fmt: skip
         return client
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:

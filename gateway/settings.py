@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import (
     AfterValidator,
     Field,
+    FilePath,
     HttpUrl,
     SecretStr,
     ValidationError,
@@ -84,6 +85,19 @@ def _check_bootstrap(value: str) -> str:
     return value
 
 
+def _check_no_credentials(url: HttpUrl) -> HttpUrl:
+    # A URL is logged and shown; credentials belong in their own secret settings.
+    if url.username or url.password:
+        raise ValueError(
+            "must not carry credentials: set IOTGW_INFLUX_USERNAME and IOTGW_INFLUX_PASSWORD"
+        )
+    return url
+
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
+
+
 def _default_client_id() -> str:
     return f"iotgw-bridge-{socket.gethostname()}"
 
@@ -107,8 +121,24 @@ class Settings(BaseSettings):
     mqtt_client_id: str = Field(
         default_factory=_default_client_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
     )
+    # The CA that signed the broker's certificate (mqtts://); the system's CAs when unset.
+    mqtt_ca_file: FilePath | None = None
+    # Mosquitto's password file, which `iotgw devices ... --credentials` edits; the local
+    # stack's (.stack/mosquitto/passwd) when unset.
+    mqtt_password_file: Path | None = None
     kafka_bootstrap: Annotated[str, AfterValidator(_check_bootstrap)] = "127.0.0.1:9092"
-    influx_url: HttpUrl = HttpUrl("http://127.0.0.1:8086")
+    # Kafka client security: TLS (SSL, SASL_SSL) verifies the brokers against
+    # kafka_ca_file (the system's CAs when unset); SASL logs in with user name and password.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism = "SCRAM-SHA-512"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_ca_file: FilePath | None = None
+    influx_url: Annotated[HttpUrl, AfterValidator(_check_no_credentials)] = HttpUrl(
+        "http://127.0.0.1:8086"
+    )
+    influx_username: str | None = None
+    influx_password: SecretStr | None = None
     influx_db: str = Field(default="iot", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
     topic_prefix: str = Field(default="iot", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     readings_partitions: int = Field(default=6, ge=1, le=10_000)
@@ -152,9 +182,33 @@ class Settings(BaseSettings):
             raise ValueError("IOTGW_WRITER_GROUP and IOTGW_RULES_GROUP must differ")
         return self
 
+    @model_validator(mode="after")
+    def _complete_logins(self) -> Settings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_username and self.kafka_password):
+            raise ValueError(
+                f"IOTGW_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "IOTGW_KAFKA_USERNAME and IOTGW_KAFKA_PASSWORD"
+            )
+        if not sasl and (self.kafka_username or self.kafka_password):
+            raise ValueError(
+                "IOTGW_KAFKA_USERNAME and IOTGW_KAFKA_PASSWORD need "
+                "IOTGW_KAFKA_SECURITY_PROTOCOL=SASL_SSL or SASL_PLAINTEXT"
+            )
+        if bool(self.influx_username) != bool(self.influx_password):
+            raise ValueError("IOTGW_INFLUX_USERNAME and IOTGW_INFLUX_PASSWORD go together")
+        return self
+
     @property
     def mqtt(self) -> MqttEndpoint:
         return parse_mqtt_url(self.mqtt_url.get_secret_value())
+
+    @property
+    def influx_auth(self) -> tuple[str, str] | None:
+        """HTTP basic credentials for InfluxDB's v1 API, when configured."""
+        if self.influx_username and self.influx_password:
+            return (self.influx_username, self.influx_password.get_secret_value())
+        return None
 
     def metrics_port_for(self, service: Service) -> int:
         if self.metrics_port is None:

@@ -21,23 +21,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+from pydantic import SecretStr
+
+from gateway.certs import CertFiles, ensure_certificates
 from gateway.errors import IotgwError
+from gateway.files import write_atomically
 from gateway.influx import InfluxClient
 from gateway.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
 from gateway.kafka import TopicResult, broker_ids, ensure_topics
 from gateway.mqtt import broker_answers
+from gateway.mqtt_auth import GATEWAY_USER, PasswordFile, generate_password
 from gateway.settings import MqttEndpoint, Settings
 
 Report = Callable[[str], None]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_TEMPLATES = PROJECT_ROOT / "compose" / "local"
+# Mosquitto's config and ACL are the Compose deployment's own files (compose/mosquitto/).
+MOSQUITTO_CONFIG = PROJECT_ROOT / "compose" / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_ACL = PROJECT_ROOT / "compose" / "mosquitto" / "acl"
 DEFAULT_STACK_DIR = PROJECT_ROOT / ".stack"
 SERVER_KINDS = ("mosquitto", "kafka", "influxdb")
 HOST = "127.0.0.1"
 
 # A Kafka node's controller listens this far above its broker port.
 CONTROLLER_PORT_OFFSET = 100
+# Mosquitto's TLS listener listens this far above its plain one: 1883 -> 8883.
+SECURE_MQTT_PORT_OFFSET = 7000
+# The names the local broker's server certificate is valid for.
+LOCAL_HOSTNAMES = [HOST, "localhost"]
 # Kafka's controlled shutdown moves partition leadership away first; give it time
 # before the stack falls back to SIGKILL.
 STOP_TIMEOUT_S = 30.0
@@ -58,14 +70,18 @@ class StackPlan:
     kafka_brokers: int = 1
     influx_port: int = 8086
     kinds: tuple[str, ...] = SERVER_KINDS
+    # Mosquitto's TLS listener; the MQTT port + 7000 when not given.
+    mqtts_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.mqtts_port is None:
+            object.__setattr__(self, "mqtts_port", self.mqtt_port + SECURE_MQTT_PORT_OFFSET)
         if not 1 <= self.kafka_brokers <= 9:
             raise IotgwError("--kafka-brokers must be from 1 to 9", exit_code=2)
         unknown = set(self.kinds) - set(SERVER_KINDS)
         if unknown or not self.kinds:
             raise IotgwError(f"servers must be among {', '.join(SERVER_KINDS)}", exit_code=2)
-        ports = [self.mqtt_port, self.influx_port, self.influx_port + 2]
+        ports = [self.mqtt_port, self.secure_mqtt_port, self.influx_port, self.influx_port + 2]
         ports += [self.kafka_port + i for i in range(self.kafka_brokers)]
         if any(not 1024 <= port <= 65535 - CONTROLLER_PORT_OFFSET for port in ports):
             raise IotgwError("ports must be from 1024 to 65435", exit_code=2)
@@ -82,6 +98,34 @@ class StackPlan:
     def mqtt_url(self) -> str:
         return f"mqtt://{HOST}:{self.mqtt_port}"
 
+    @property
+    def secure_mqtt_port(self) -> int:
+        return self.mqtts_port or self.mqtt_port + SECURE_MQTT_PORT_OFFSET
+
+    @property
+    def certs(self) -> CertFiles:
+        return CertFiles(self.root / "certs")
+
+    @property
+    def password_file(self) -> Path:
+        """Mosquitto's password file: the gateway's and the devices' logins."""
+        return self.root / "mosquitto" / "passwd"
+
+    @property
+    def gateway_password_file(self) -> Path:
+        """The gateway user's password, readable by the stack's owner only."""
+        return self.root / "mosquitto" / f"{GATEWAY_USER}.password"
+
+    def secure_mqtt_url(self) -> str:
+        """`IOTGW_MQTT_URL` for the gateway on the TLS listener, with its password."""
+        try:
+            password = self.gateway_password_file.read_text().strip()
+        except OSError:
+            raise IotgwError(
+                f"no gateway password in {self.gateway_password_file}: run `iotgw stack up`"
+            ) from None
+        return f"mqtts://{GATEWAY_USER}:{password}@{HOST}:{self.secure_mqtt_port}"
+
 
 @dataclass
 class StackState:
@@ -92,6 +136,7 @@ class StackState:
     kafka_brokers: int
     influx_port: int
     kinds: list[str]
+    mqtts_port: int | None = None
     kafka_cluster_id: str = field(
         default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     )
@@ -112,7 +157,7 @@ class StackState:
     def plan(self, root: Path) -> StackPlan:
         return StackPlan(
             root, self.mqtt_port, self.kafka_port, self.kafka_brokers, self.influx_port,
-            tuple(self.kinds),
+            tuple(self.kinds), self.mqtts_port,
         )  # fmt: skip
 
 
@@ -129,6 +174,11 @@ class Server(ABC):
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def shown_address(self) -> str:
+        """Where it listens, as `stack status` shows it."""
+        return self.address
 
     @property
     def home(self) -> Path:
@@ -168,21 +218,93 @@ class Server(ABC):
 
 
 class Mosquitto(Server):
+    """Mosquitto with the plain development listener and the TLS listener with logins."""
+
     config_name = "mosquitto.conf"
     ready_timeout_s = 15.0
 
+    def ports(self) -> list[int]:
+        return [self.port, self.plan.secure_mqtt_port]
+
+    @property
+    def shown_address(self) -> str:
+        return f"{self.address}, :{self.plan.secure_mqtt_port} (TLS)"
+
     def prepare(self) -> None:
         (self.home / "data").mkdir(parents=True, exist_ok=True)
-        self.render(
-            "mosquitto.conf",
-            mqtt_port=self.port, user=getpass.getuser(), data_dir=self.home / "data",
+        ensure_certificates(self.plan.certs.folder, LOCAL_HOSTNAMES)
+        self._ensure_gateway_login()
+        folders = {
+            "data": self.home / "data", "auth": self.home,
+            "certs": self.plan.certs.folder, "config": MOSQUITTO_ACL.parent,
+        }  # fmt: skip
+        self.config_file.write_text(
+            local_mosquitto_config(
+                MOSQUITTO_CONFIG.read_text(), self.port, self.plan.secure_mqtt_port,
+                getpass.getuser(), folders,
+            )
         )  # fmt: skip
+
+    def _ensure_gateway_login(self) -> None:
+        """The gateway's password: made on the first start, kept after."""
+        secret = self.plan.gateway_password_file
+        passwords = PasswordFile(self.plan.password_file)
+        if secret.exists() and GATEWAY_USER in passwords.users():
+            return
+        password = generate_password()
+        write_atomically(secret, f"{password}\n".encode())
+        passwords.set(GATEWAY_USER, password)
 
     def command(self) -> list[str]:
         return ["mosquitto", "-c", str(self.config_file)]
 
     async def probe(self) -> bool:
-        return await broker_answers(MqttEndpoint(HOST, self.port, False, None, None), 2.0)
+        """Both listeners serve; the TLS one takes the gateway's login and verifies with ca.crt."""
+        plain = MqttEndpoint(HOST, self.port, False, None, None)
+        if not await broker_answers(plain, 2.0):
+            return False
+        password = SecretStr(self.plan.gateway_password_file.read_text().strip())
+        secure = MqttEndpoint(HOST, self.plan.secure_mqtt_port, True, GATEWAY_USER, password)
+        return await broker_answers(secure, 2.0, ca_file=self.plan.certs.ca_cert)
+
+
+def local_mosquitto_config(
+    text: str, mqtt_port: int, mqtts_port: int, user: str, folders: dict[str, Path]
+) -> str:
+    """The Compose deployment's mosquitto.conf, moved to the local stack's ports and folders.
+
+    The plain listener (1883) and the TLS listener (8883) move to the given ports on
+    127.0.0.1, `/mosquitto/<folder>/...` paths to `folders[<folder>]`, `user` to the one
+    who runs the stack. Anything else it cannot move is an error, never silently kept.
+    """
+    ports = {"1883": mqtt_port, "8883": mqtts_port}
+    lines = []
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            port = value.split()[0]
+            if port not in ports:
+                raise IotgwError(f"{MOSQUITTO_CONFIG}: the local stack has no port for {line!r}")
+            line = f"listener {ports[port]} {HOST}"
+        elif key == "user":
+            line = f"user {user}"
+        elif value.startswith("/mosquitto/"):
+            folder, _, rest = value.removeprefix("/mosquitto/").partition("/")
+            if folder not in folders:
+                raise IotgwError(f"{MOSQUITTO_CONFIG}: the local stack has no folder for {line!r}")
+            # Mosquitto wants the trailing slash of persistence_location kept.
+            line = f"{key} {folders[folder] / rest}{'/' if value.endswith('/') else ''}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def reload_mosquitto(root: Path = DEFAULT_STACK_DIR) -> bool:
+    """Make the stack's Mosquitto read its password file again (SIGHUP); False if not running."""
+    for server in _recorded_servers(root):
+        if isinstance(server, Mosquitto) and (pid := running_pid(server)) is not None:
+            os.kill(pid, signal.SIGHUP)
+            return True
+    return False
 
 
 class InfluxDB(Server):
@@ -413,7 +535,7 @@ def _tcp_open(address: str) -> bool:
 def _server_status(server: Server) -> ServerStatus:
     pid = running_pid(server)
     return ServerStatus(
-        server.name, pid, server.address, pid is not None and _tcp_open(server.address)
+        server.name, pid, server.shown_address, pid is not None and _tcp_open(server.address)
     )
 
 
@@ -481,7 +603,9 @@ async def up(
             settings.model_copy(update={"kafka_bootstrap": plan.kafka_bootstrap})
         )
     if "influxdb" in plan.kinds:
-        async with InfluxClient(plan.influx_url, timeout_s=settings.timeout_s) as influx:
+        async with InfluxClient(
+            plan.influx_url, timeout_s=settings.timeout_s, auth=settings.influx_auth
+        ) as influx:
             await influx.create_database(settings.influx_db)
     return StackReport(
         [_server_status(server) for server in servers],
@@ -511,11 +635,12 @@ def _reconcile_state(plan: StackPlan) -> StackState:
             )
         return StackState(
             plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port,
-            list(plan.kinds), state.kafka_cluster_id,
+            list(plan.kinds), plan.mqtts_port, state.kafka_cluster_id,
         )  # fmt: skip
     return StackState(
-        plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port, list(plan.kinds)
-    )
+        plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port, list(plan.kinds),
+        plan.mqtts_port,
+    )  # fmt: skip
 
 
 def status(root: Path = DEFAULT_STACK_DIR) -> list[ServerStatus]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.kafka import started, topic_partitions
+from gateway.kafka import kafka_connection, started, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 
@@ -34,11 +34,11 @@ async def tail(
 ) -> int:
     """Follow new readings (optionally of one device) until `count` were shown; returns how many."""
     topic = Topics(settings.topic_prefix).readings
-    ids = await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
+    ids = await topic_partitions(settings, topic)
     partitions = [TopicPartition(topic, p) for p in ids]
     consumer = await started(
         AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **kafka_connection(settings),
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
         ),

@@ -20,7 +20,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.influx import influx_reason
-from gateway.kafka import consumer_lag, create_producer, describe_kafka_error, started
+from gateway.kafka import (
+    consumer_lag,
+    create_producer,
+    describe_kafka_error,
+    kafka_connection,
+    started,
+)
 from gateway.lineprotocol import LineProtocolError, point, series_key
 from gateway.observability import HealthServer, WriterMetrics
 from gateway.registry import DeviceRegistry
@@ -149,7 +155,7 @@ class Writer:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._http = httpx.AsyncClient(
-            base_url=str(settings.influx_url), timeout=settings.timeout_s
+            base_url=str(settings.influx_url), timeout=settings.timeout_s, auth=settings.influx_auth
         )
         self._influx_ok = False
         self._buffer: list[Any] = []
@@ -180,7 +186,7 @@ class Writer:
                     self.topics.readings,
                     self.topics.alerts,
                     self.topics.dead_letters,
-                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    **kafka_connection(self.settings),
                     group_id=self.settings.writer_group,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",
@@ -209,11 +215,24 @@ class Writer:
             await self._shutdown()
 
     async def _ensure_database(self) -> None:
-        """Create the database (idempotent), waiting while InfluxDB does not answer."""
-        query = {"q": f'CREATE DATABASE "{self.settings.influx_db}"'}
+        """Create the database (idempotent), waiting while InfluxDB does not answer.
+
+        A user without admin rights may not create databases (403); it may write to one
+        that exists, which is how a deployment with authentication is set up.
+        """
+        db = self.settings.influx_db
         for attempt in itertools.count():
             try:
-                response = await self._http.post("/query", params=query)
+                response = await self._http.post("/query", params={"q": f'CREATE DATABASE "{db}"'})
+                if response.status_code == 403:
+                    response = await self._http.get("/query", params={"q": "SHOW DATABASES"})
+                    if response.status_code == 200 and [db] in _series_values(response):
+                        self._influx_ok = True
+                        return
+                    raise IotgwError(
+                        f"InfluxDB has no database {db} and user {self.settings.influx_username} "
+                        "may not create it: create it, or grant the user access to it"
+                    )
                 if response.status_code == 200:
                     self._influx_ok = True
                     return
@@ -392,3 +411,13 @@ class Writer:
         if self.health is not None:
             self.health.stop()
         log.info("event=writer_stopped points_written=%d", self._written)
+
+
+def _series_values(response: httpx.Response) -> list[list[Any]]:
+    """The rows of every series of an InfluxQL answer."""
+    return [
+        row
+        for result in response.json().get("results", [])
+        for series in result.get("series", [])
+        for row in series.get("values", [])
+    ]

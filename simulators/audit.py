@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.errors import IotgwError
 from gateway.influx import InfluxClient
-from gateway.kafka import topic_partitions
+from gateway.kafka import kafka_connection, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import DeviceType
@@ -89,12 +89,9 @@ async def read_since(
 ) -> list[Any]:
     """Every record of `topic` from `since_ms` to its end offsets at the time of the call
     (of committed transactions only with `committed_only`)."""
-    partitions = [
-        TopicPartition(topic, p)
-        for p in await topic_partitions(settings.kafka_bootstrap, topic, settings.timeout_s)
-    ]
+    partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_connection(settings),
         enable_auto_commit=False,
         isolation_level="read_committed" if committed_only else "read_uncommitted",
     )
@@ -136,7 +133,9 @@ async def _influx_keys(settings: Settings, log: SendLog) -> set[Key]:
         f'SELECT "seq", "device_id" FROM /^({types})$/ WHERE time >= {first - _SLACK_MS}ms '
         f'AND time <= {last + _SLACK_MS}ms AND "device_id" =~ /^({ids})$/'
     )
-    async with InfluxClient(str(settings.influx_url), timeout_s=60) as influx:
+    async with InfluxClient(
+        str(settings.influx_url), timeout_s=60, auth=settings.influx_auth
+    ) as influx:
         try:
             results = await influx.query(query, db=settings.influx_db)
         except IotgwError as exc:

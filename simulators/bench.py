@@ -38,7 +38,7 @@ from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.influx import InfluxClient
 from gateway.installer import ensure_debian_packages, ensure_kafka, kafka_version
-from gateway.kafka import ensure_topics, kafka_admin, topic_partitions
+from gateway.kafka import ensure_topics, kafka_admin, kafka_connection, topic_partitions
 from gateway.mqtt import publish_in_window
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
@@ -119,7 +119,7 @@ class Watch:
         self.arrived: dict[tuple[str, int], float] = {}
         self.records = 0
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **kafka_connection(settings),
             enable_auto_commit=False,
             fetch_max_wait_ms=5,
         )
@@ -127,9 +127,7 @@ class Watch:
 
     async def __aenter__(self) -> Watch:
         await self._consumer.start()
-        ids = await topic_partitions(
-            self.settings.kafka_bootstrap, self.topic, self.settings.timeout_s
-        )
+        ids = await topic_partitions(self.settings, self.topic)
         partitions = [TopicPartition(self.topic, p) for p in ids]
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from gmqtt import Client
-from gmqtt.mqtt.handler import MQTTConnectError
 from gmqtt.storage import PersistentStorage
 
 from gateway.errors import IotgwError
-from gateway.mqtt import publish_in_window
+from gateway.mqtt import connect, publish_in_window
 from gateway.settings import Settings
 from simulators.fleet import FleetTraffic, Message
 
@@ -49,19 +48,10 @@ class _Connection:
         self.qos = qos
 
     async def connect(self) -> None:
-        endpoint = self.settings.mqtt
-        if endpoint.username:
-            password = endpoint.password.get_secret_value() if endpoint.password else None
-            self.client.set_auth_credentials(endpoint.username, password)
-        try:
-            await asyncio.wait_for(
-                self.client.connect(endpoint.host, endpoint.port, ssl=endpoint.tls),
-                self.settings.timeout_s,
-            )
-        except (OSError, TimeoutError, MQTTConnectError) as exc:
-            raise IotgwError(
-                f"MQTT broker unreachable at {endpoint.host}:{endpoint.port}: {exc or 'timed out'}"
-            ) from None
+        await connect(
+            self.client, self.settings.mqtt, ca_file=self.settings.mqtt_ca_file,
+            timeout_s=self.settings.timeout_s,
+        )  # fmt: skip
 
     async def publish(self, message: Message) -> None:
         await publish_in_window(self.client, message.topic, message.payload, self.qos)

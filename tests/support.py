@@ -20,7 +20,7 @@ from gateway.bridge import Bridge
 from gateway.clock import now_ms
 from gateway.influx import InfluxClient
 from gateway.kafka import create_producer, ensure_topics
-from gateway.mqtt import publish_in_window
+from gateway.mqtt import connect, publish_in_window
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.writer import Writer
@@ -194,7 +194,7 @@ async def produce(
 
 async def influx_rows(settings: Settings, query: str) -> list[list[Any]]:
     """The rows of every series an InfluxQL query returns from the settings' database."""
-    async with InfluxClient(str(settings.influx_url)) as influx:
+    async with InfluxClient(str(settings.influx_url), auth=settings.influx_auth) as influx:
         results = await influx.query(query, db=settings.influx_db)
     return [
         row for result in results for series in result.get("series", []) for row in series["values"]
@@ -233,6 +233,5 @@ def canonical(device_id: str, device_type: str, seq: int, ts: int, **metrics: An
 async def forget_session(settings: Settings) -> None:
     """Delete the bridge's persistent session, so the broker stops queueing for it."""
     client = Client(settings.mqtt_client_id, clean_session=True, session_expiry_interval=0)
-    endpoint = settings.mqtt
-    await client.connect(endpoint.host, endpoint.port)
+    await connect(client, settings.mqtt, ca_file=settings.mqtt_ca_file, timeout_s=10)
     await client.disconnect()

@@ -83,7 +83,7 @@ async def rewind_group(settings: Settings) -> None:
         partitions = [
             TopicPartition(topic, p)
             for topic in (topics.readings, topics.alerts, topics.dead_letters)
-            for p in await topic_partitions(settings.kafka_bootstrap, topic, 10)
+            for p in await topic_partitions(settings, topic)
         ]
         consumer.assign(partitions)
         await consumer.commit(dict.fromkeys(partitions, 0))

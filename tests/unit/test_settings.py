@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -11,16 +10,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.settings import Settings, load_settings, parse_mqtt_url
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test starts with no IOTGW_ variables and no iotgw.toml in its working folder."""
-    for name in list(os.environ):
-        if name.startswith("IOTGW_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("clean_environment")]
 
 
 def test_defaults_point_at_local_stack() -> None:
