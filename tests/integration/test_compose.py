@@ -1,0 +1,160 @@
+"""compose/docker-compose.yml, checked by a real Compose implementation (Debian's
+docker-compose, which loads and validates a file without a Docker engine)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway import stack
+from gateway.installer import ensure_debian_packages
+from gateway.mqtt_auth import GATEWAY_USER
+from gateway.settings import parse_mqtt_url
+
+pytestmark = pytest.mark.integration
+
+COMPOSE = stack.PROJECT_ROOT / "compose"
+ENV_EXAMPLE = COMPOSE / ".env.example"
+IOTGW_SERVICES = {"broker-init", "topics", "bridge-1", "bridge-2", "writer", "rules", "simulator"}
+ALL_SERVICES = IOTGW_SERVICES | {"mosquitto", "kafka", "kafka-2", "kafka-3", "influxdb", "grafana"}
+
+
+@pytest.fixture(scope="module")
+def compose_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    log = tmp_path_factory.mktemp("install") / "install.log"
+    ensure_debian_packages(["docker-compose"], log, print)
+    return ["docker-compose", "-f", str(COMPOSE / "docker-compose.yml")]
+
+
+def config(command: list[str], *options: str, env_file: Path = ENV_EXAMPLE) -> dict[str, Any]:
+    """The file as Compose loads it: validated, interpolated, anchors and merges resolved."""
+    result = subprocess.run(
+        [*command, "--env-file", str(env_file), *options, "config"],
+        capture_output=True, text=True, timeout=60, cwd=COMPOSE,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, Any] = yaml.safe_load(result.stdout)
+    return loaded
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("/"):
+            mounts[target] = Path(source)
+    return mounts
+
+
+def test_compose_file_loads_with_every_profile(compose_command: list[str]) -> None:
+    """Every service is defined; what a service depends on is defined too, with and without
+    the optional profiles; every file it mounts and every build context exists."""
+    loaded = config(compose_command, "--profile", "demo", "--profile", "kafka-cluster")
+    services = loaded["services"]
+    assert set(services) == ALL_SERVICES
+    optional = {name: s["profiles"] for name, s in services.items() if "profiles" in s}
+    assert optional == {"simulator": ["demo"], "kafka-2": ["kafka-cluster"],
+                        "kafka-3": ["kafka-cluster"]}  # fmt: skip
+    for name, service in services.items():
+        needed = set(service.get("depends_on", {}))
+        assert needed <= set(services), name
+        if name not in optional:
+            assert not needed & set(optional), f"{name} needs a service of an optional profile"
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name} mounts {source} at {target}: it does not exist"
+        if "build" in service:
+            context = Path(service["build"]["context"])
+            assert (context / service["build"]["dockerfile"]).is_file()
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith("/") or source in loaded["volumes"], (name, source)
+
+
+def test_mosquitto_runs_the_config_and_acl_of_the_local_stack(compose_command: list[str]) -> None:
+    """The broker mounts the very mosquitto.conf and ACL the local-stack tests run."""
+    mosquitto = config(compose_command)["services"]["mosquitto"]
+    mounts = bind_mounts(mosquitto)
+    assert mounts["/mosquitto/config/mosquitto.conf"] == stack.MOSQUITTO_CONFIG
+    assert mounts["/mosquitto/config/acl"] == stack.MOSQUITTO_ACL
+    # Every path the config names lies in something the deployment mounts.
+    targets = [volume.split(":")[1] for volume in mosquitto["volumes"]]
+    text = stack.MOSQUITTO_CONFIG.read_text()
+    for path in re.findall(r"^\w+ (/mosquitto/\S+)$", text, flags=re.MULTILINE):
+        assert any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets), path
+
+
+def test_only_secure_mqtt_and_grafana_are_published(compose_command: list[str]) -> None:
+    loaded = config(compose_command, "--profile", "demo", "--profile", "kafka-cluster")
+    published = {
+        (name, port["target"])
+        for name, service in loaded["services"].items()
+        for port in service.get("ports", [])
+    }
+    assert published == {("mosquitto", 8883), ("grafana", 3000)}
+
+
+def test_iotgw_services_log_in_on_tls_and_bridges_share_the_readings(
+    compose_command: list[str],
+) -> None:
+    """Every iotgw service (but the demo simulator, on the broker's own loopback listener)
+    reaches the broker over TLS as the gateway, verifying it with the CA; the two bridges
+    have distinct client ids in one share group; restarts are automatic with health checks."""
+    services = config(compose_command, "--profile", "demo")["services"]
+    for name in IOTGW_SERVICES - {"simulator"}:
+        environment = services[name]["environment"]
+        endpoint = parse_mqtt_url(environment["IOTGW_MQTT_URL"])
+        assert (endpoint.tls, endpoint.host, endpoint.username) == (True, "mosquitto", GATEWAY_USER)
+        assert environment["IOTGW_MQTT_CA_FILE"] == "/var/lib/iotgw/certs/ca.crt"
+    bridges = [services["bridge-1"], services["bridge-2"]]
+    assert len({b["environment"]["IOTGW_MQTT_CLIENT_ID"] for b in bridges}) == 2
+    assert all("IOTGW_MQTT_SHARE_GROUP" not in b["environment"] for b in bridges)
+    for name in ("bridge-1", "bridge-2", "writer", "rules", "mosquitto", "kafka", "influxdb"):
+        assert services[name]["restart"] == "unless-stopped"
+        assert "healthcheck" in services[name], name
+    assert parse_mqtt_url(services["simulator"]["environment"]["IOTGW_MQTT_URL"]).port == 1883
+    assert services["simulator"]["network_mode"] == "service:mosquitto"
+
+
+def test_a_missing_password_stops_compose_with_its_name(
+    compose_command: list[str], tmp_path: Path
+) -> None:
+    """.env.example documents every variable; leaving out a password is refused by name."""
+    env_file = tmp_path / ".env"
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    env_file.write_text(
+        "\n".join(line for line in lines if not line.startswith("INFLUX_WRITER_PASSWORD="))
+    )
+    result = subprocess.run(
+        [*compose_command, "--env-file", str(env_file), "config"],
+        capture_output=True, text=True, timeout=60, cwd=COMPOSE,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "set INFLUX_WRITER_PASSWORD in compose/.env" in result.stderr
+
+
+def test_dockerfile_installs_from_the_lock_and_runs_as_non_root() -> None:
+    """Multi-stage, dependencies from uv.lock (frozen, no dev tools), files it copies exist,
+    a non-root user, `iotgw` as entry point."""
+    lines = [
+        line.strip()
+        for line in (stack.PROJECT_ROOT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert sum(line.startswith("FROM ") for line in lines) == 2
+    syncs = [line for line in lines if "uv sync" in line]
+    assert syncs
+    assert all("--frozen" in line and "--no-dev" in line for line in syncs)
+    for line in lines:
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (stack.PROJECT_ROOT / source).exists(), line
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users
+    assert users[-1] not in ("root", "0")
+    assert lines[-2:] == ['ENTRYPOINT ["iotgw"]', 'CMD ["--help"]']
