@@ -1,0 +1,102 @@
+"""Decoding and validation under hostile input: no exception escapes, and every input
+becomes valid readings or dead letters with a reason of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.clock import now_ms
+from gateway.ratelimit import RateLimiter
+from gateway.validation import Accepted, Outcome, ReadingValidator, Rejected
+from schemas import Device, DeviceType
+from schemas.reading import MAX_PAYLOAD_BYTES, READING
+from tests.hostile import NASTY_TEXT, nasty_corpus, payloads
+
+pytestmark = pytest.mark.unit
+
+DEVICE = "thermo-1"
+REGISTRY = {
+    DEVICE: Device(device_id=DEVICE, type=DeviceType.THERMOSTAT, registered_at=0),
+    "plug-1": Device(device_id="plug-1", type=DeviceType.SMART_PLUG, registered_at=0),
+}
+# DESIGN.md, "Rejections": the only reasons a dead letter may carry.
+REASONS = {
+    "malformed", "too_large", "schema", "id_mismatch", "unknown_device", "device_disabled",
+    "type_mismatch", "clock_skew", "rate_limited",
+}  # fmt: skip
+
+
+def validator() -> ReadingValidator:
+    return ReadingValidator(
+        REGISTRY.get,
+        require_registration=True,
+        max_age_ms=7 * 24 * 3600 * 1000,
+        limiter=RateLimiter(100.0, 50),
+        clock=lambda: 0.0,
+    )
+
+
+def judge(topic: str, payload: bytes) -> list[Outcome]:
+    """The outcomes, checked against the contract: each a canonical reading of the topic's
+    device, or a dead letter with a reason of DESIGN.md, a short detail and bounded bytes."""
+    outcomes = validator().process(topic, payload, now_ms())
+    assert outcomes, "a message must yield at least one outcome"
+    for outcome in outcomes:
+        if isinstance(outcome, Accepted):
+            record = json.loads(outcome.value)
+            assert record["device_id"] == topic.split("/")[1] == outcome.device_id
+            assert set(record) == {"device_id", "type", "ts", "seq", "metrics", "received_at"}
+            READING.validate_python(
+                {k: record[k] for k in ("device_id", "type", "ts", "seq", "metrics")}
+            )
+        else:
+            assert isinstance(outcome, Rejected)
+            assert outcome.reason.value in REASONS
+            assert 0 < len(outcome.detail) <= 300
+            assert "\n" not in outcome.detail or outcome.reason.value in ("malformed", "schema")
+            assert len(outcome.original) <= MAX_PAYLOAD_BYTES
+    return outcomes
+
+
+@settings(
+    max_examples=10_000, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)  # fmt: skip
+@given(
+    topic=st.one_of(
+        st.just(f"devices/{DEVICE}/telemetry"),
+        st.sampled_from(["devices/plug-1/telemetry", "devices/ghost/telemetry"]),
+        st.builds("devices/{}/telemetry".format, st.sampled_from(NASTY_TEXT)),
+        st.text(max_size=40),
+    ),
+    payload=payloads(DEVICE),
+)
+def test_any_payload_becomes_readings_or_dead_letters(topic: str, payload: bytes) -> None:
+    """10,000 generated messages: random bytes, any JSON, reading-like objects with any part
+    wrong (NaN, infinities, huge and negative numbers, text for numbers, unknown fields,
+    control and unicode characters in ids), batches of them, truncated encodings."""
+    judge(topic, payload)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"), nasty_corpus(DEVICE), ids=[name for name, _ in nasty_corpus(DEVICE)]
+)
+def test_nasty_corpus_becomes_dead_letters(name: str, payload: bytes) -> None:
+    """Every case of the corpus is refused with a reason; a large batch is refused whole
+    (too large), never parsed element by element."""
+    outcomes = judge(f"devices/{DEVICE}/telemetry", payload)
+    reasons = [o.reason.value for o in outcomes if isinstance(o, Rejected)]
+    assert len(reasons) == len(outcomes), name
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        assert reasons == ["too_large"]
+
+
+def test_a_valid_reading_still_passes_beside_the_corpus() -> None:
+    """The property test's oracle accepts good readings (it would be vacuous otherwise)."""
+    good = {"type": "thermostat", "ts": now_ms(), "seq": 1, "metrics": {"temperature_c": 20.0}}
+    [outcome] = judge(f"devices/{DEVICE}/telemetry", json.dumps(good).encode())
+    assert isinstance(outcome, Accepted)
