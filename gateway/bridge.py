@@ -38,6 +38,8 @@ _RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _MAX_ROUND = 5000
 # One Kafka request carries up to this many bytes of one partition's records.
 _BATCH_BYTES = 512 * 1024
+# Seconds between attempts to reach a broker that went away.
+_RECONNECT_DELAY_S = 0.2
 
 
 class NotAcknowledged(Exception):  # noqa: N818 - a signal to gmqtt, not an error
@@ -317,7 +319,9 @@ class Bridge:
             session_expiry_interval=self.settings.mqtt_session_expiry_s,
             receive_maximum=self.settings.max_in_flight,
         )
-        client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+        # Reconnect quickly: after a broker restart, devices' readings find no subscriber
+        # (and are dropped) until the bridges have subscribed again.
+        client.set_config({"reconnect_retries": -1, "reconnect_delay": _RECONNECT_DELAY_S})
         client.on_message = self._on_message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -339,6 +343,12 @@ class Bridge:
         self._epoch += 1
         self._connected = True
         log.info("event=mqtt_connected session_present=%s epoch=%d", bool(flags), self._epoch)
+        if self._epoch > 1:
+            # Subscribe again on every reconnect, even to a session the broker kept:
+            # Mosquitto 2.0.11 restores a persistent session after a crash but not its
+            # shared subscriptions, and would deliver the bridge nothing ever after.
+            # Subscribing to the same filter again replaces it; nothing arrives twice.
+            client.subscribe(self.subscription, qos=1)
 
     def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
         self._connected = False
