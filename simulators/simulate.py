@@ -38,12 +38,58 @@ class SimulationStats:
         return time.monotonic() - self.started
 
 
+# How long the broker keeps a simulated device's session while it is away.
+_SESSION_EXPIRY_S = 120
+
+
+def _topic_and_payload(packet: bytes) -> tuple[str, bytes]:
+    """The topic and payload of an MQTT 5 QoS 1 PUBLISH packet as gmqtt stored it."""
+    at = 1
+    while packet[at] & 0x80:  # the fixed header's remaining length (a varint)
+        at += 1
+    at += 1
+    size = int.from_bytes(packet[at : at + 2], "big")
+    topic = packet[at + 2 : at + 2 + size].decode()
+    at += 2 + size + 2  # the topic, then the packet id
+    properties, shift = 0, 0
+    while True:
+        byte = packet[at]
+        at += 1
+        properties |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return topic, packet[at + properties :]
+
+
+class _Outbox(PersistentStorage):  # type: ignore[misc]
+    """A careful device's outbox: the QoS 1 readings the broker has not acknowledged.
+
+    gmqtt drops them when the broker answers a reconnect without the old session (a broker
+    that crashed before saving it, say). A device must not: it was never told they were
+    received. They are kept as orphans and published again on the new session.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.orphans: list[tuple[str, bytes]] = []
+
+    def clear(self) -> None:
+        self.orphans += [_topic_and_payload(packet) for _, packet in self.get_all()]
+        super().clear()
+
+
 class _Connection:
     def __init__(self, settings: Settings, qos: int) -> None:
-        self.unacknowledged = PersistentStorage()
+        self.outbox = _Outbox()
+        # Like a device: a session that outlives a broker restart, so QoS 1 readings the
+        # broker did not acknowledge are sent again after reconnecting (every second).
         self.client = Client(
-            f"iotgw-sim-{uuid.uuid4().hex[:10]}", persistent_storage=self.unacknowledged
+            f"iotgw-sim-{uuid.uuid4().hex[:10]}",
+            persistent_storage=self.outbox,
+            session_expiry_interval=_SESSION_EXPIRY_S,
         )
+        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
         self.settings = settings
         self.qos = qos
 
@@ -53,12 +99,23 @@ class _Connection:
             timeout_s=self.settings.timeout_s,
         )  # fmt: skip
 
+    async def _send_orphans(self) -> None:
+        """Publish again, in their order, the readings a lost session dropped."""
+        while self.outbox.orphans:
+            topic, payload = self.outbox.orphans.pop(0)
+            await publish_in_window(self.client, topic, payload, self.qos)
+
     async def publish(self, message: Message) -> None:
+        await self._send_orphans()
         await publish_in_window(self.client, message.topic, message.payload, self.qos)
 
     async def close(self, timeout_s: float) -> None:
         if self.qos:
-            await asyncio.wait_for(self.unacknowledged.wait_empty(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                # A reconnect without the session may turn the outbox into orphans meanwhile.
+                while self.outbox.orphans or not self.outbox.is_empty:
+                    await self._send_orphans()
+                    await self.outbox.wait_empty()
         await self.client.disconnect()
 
 
