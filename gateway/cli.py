@@ -349,7 +349,7 @@ def audit_command(
 ) -> None:
     """Compare what a simulation sent with iot.readings, iot.readings.dlq and InfluxDB.
 
-    Exits 1 when a valid reading is in neither topic.
+    Exits 1 when a valid reading is in neither topic, or is more than one point in InfluxDB.
     """
     settings = load_settings()
     report = asyncio.run(audit_until_settled(settings, SendLog.read(log), wait))
@@ -357,7 +357,7 @@ def audit_command(
         print(json.dumps(report.as_dict()))
     else:
         console.print(audit_table(report))
-    if report.lost:
+    if report.lost or report.duplicates_in_influx:
         raise typer.Exit(1)
 
 

@@ -39,6 +39,8 @@ class AuditReport:
     duplicates: int = 0
     duplicates_sent: int = 0
     missing_in_influx: int = 0
+    # Points of one reading written more than once (a replay must overwrite, not add).
+    duplicates_in_influx: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     expected_rejected: dict[str, int] = field(default_factory=dict)
     lost_examples: list[str] = field(default_factory=list)
@@ -125,7 +127,7 @@ def _key_of(value: bytes, device_id: str | None) -> Key | None:
     return (document.get("device_id") or device_id or "", document["seq"])
 
 
-async def _influx_keys(settings: Settings, log: SendLog) -> set[Key]:
+async def _influx_keys(settings: Settings, log: SendLog) -> Counter[Key]:
     first, last = log.window_ms
     ids = "|".join(re.escape(d) for d in sorted(log.devices))
     types = "|".join(t.value for t in DeviceType)
@@ -140,15 +142,15 @@ async def _influx_keys(settings: Settings, log: SendLog) -> set[Key]:
             results = await influx.query(query, db=settings.influx_db)
         except IotgwError as exc:
             if "database not found" in str(exc):
-                return set()
+                return Counter()
             raise
-    return {
+    return Counter(
         (row[2], int(row[1]))
         for result in results
         for series in result.get("series", [])
         for row in series["values"]
         if row[1] is not None
-    }
+    )
 
 
 async def audit(settings: Settings, log: SendLog) -> AuditReport:
@@ -191,11 +193,12 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
         valid_sent=len(valid),
         in_kafka=len(delivered),
         in_dlq=sum(rejected.values()),
-        in_influx=len(delivered & influx),
+        in_influx=len(delivered & set(influx)),
         lost=len(lost),
         duplicates=sum(n - 1 for n in in_kafka.values()),
         duplicates_sent=sent_faults.get("duplicate", 0),
-        missing_in_influx=len(delivered - influx),
+        missing_in_influx=len(delivered - set(influx)),
+        duplicates_in_influx=sum(n - 1 for key, n in influx.items() if key in valid),
         rejected=dict(sorted(rejected.items())),
         expected_rejected=dict(sorted(expected.items())),
         lost_examples=[f"{d}#{s}" for d, s in lost[:10]],

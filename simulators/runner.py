@@ -81,6 +81,7 @@ def audit_table(report: AuditReport) -> Table:
         )
     table.add_row("valid readings in InfluxDB", str(report.in_influx))
     table.add_row("missing in InfluxDB", str(report.missing_in_influx))
+    table.add_row("duplicates in InfluxDB", str(report.duplicates_in_influx))
     table.add_row(
         "duplicates in iot.readings",
         f"{report.duplicates} (sent twice on purpose: {report.duplicates_sent})",

@@ -1,0 +1,236 @@
+"""Faults of the servers under a simulated fleet: each scenario streams readings with
+`seq` through Mosquitto, the bridge, Kafka and the writer into InfluxDB, breaks a server
+mid-stream, and ends with the loss audit: nothing lost, nothing twice in InfluxDB."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import stack
+from gateway.kafka import kafka_admin
+from gateway.settings import Settings
+from gateway.topics import Topics
+from simulators.audit import AuditReport, SendLog, audit_until_settled, read_since
+from simulators.runner import run_simulation
+from tests.conftest import stack_settings
+from tests.faults.test_bridge_faults import bridge_process, rss_mb, until_started
+from tests.integration.test_stack import free_ports
+from tests.support import forget_session, own_settings, running_bridge, running_writer, until
+
+pytestmark = pytest.mark.faults
+
+
+class Simulation:
+    """A simulated fleet streaming in the background, logged for the audit."""
+
+    def __init__(self, settings: Settings, log: Path, *, devices: int, rate: float,
+                 duration: float, seed: int) -> None:  # fmt: skip
+        self.settings, self.log = settings, log
+        simulation = run_simulation(
+            settings, devices=devices, rate=rate, duration=duration, qos=1, faults={},
+            register=True, log=log, seed=seed,
+        )  # fmt: skip
+        self.task = asyncio.create_task(simulation)
+
+    async def audit(self, wait_s: float) -> AuditReport:
+        """Wait for the fleet to finish, then audit until the pipeline has caught up."""
+        await self.task
+        report = await audit_until_settled(self.settings, SendLog.read(self.log), wait_s)
+        assert report.lost == 0, f"lost {report.lost}, e.g. {report.lost_examples}"
+        assert report.in_kafka == report.valid_sent == report.sent
+        assert report.missing_in_influx == 0
+        assert report.duplicates_in_influx == 0
+        return report
+
+
+def pid_of(plan: stack.StackPlan, name: str) -> int:
+    pids = {server.name: server.pid for server in stack.status(plan.root)}
+    pid = pids[name]
+    assert pid is not None, f"{name} is not running"
+    return pid
+
+
+def kill_9(plan: stack.StackPlan, name: str) -> None:
+    os.kill(pid_of(plan, name), signal.SIGKILL)
+
+
+async def published(settings: Settings) -> int:
+    """Readings in this test's iot.readings so far."""
+    return len(await read_since(settings, Topics(settings.topic_prefix).readings, 0))
+
+
+@asynccontextmanager
+async def own_stack(plan: stack.StackPlan, settings: Settings) -> AsyncIterator[Settings]:
+    """A stack of the servers a test breaks, deleted after."""
+    try:
+        await stack.up(plan, settings)
+        yield settings
+    finally:
+        stack.down(plan.root, purge=True)
+
+
+async def test_influxdb_kill_9_mid_stream(settings: Settings, tmp_path: Path) -> None:
+    """InfluxDB is killed (-9) while the fleet streams and comes back 10 s later: the
+    writer pauses, retries, and every reading is one point."""
+    plan = stack.StackPlan(
+        tmp_path / "influx", influx_port=free_ports(1, step=2), kinds=("influxdb",)
+    )
+    async with own_stack(plan, settings):
+        s = await own_settings(
+            settings, influx_url=plan.influx_url, writer_flush_interval_s=0.2, timeout_s=3.0
+        )
+        try:
+            async with running_bridge(s), running_writer(s) as writer:
+                fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                   duration=25, seed=1)  # fmt: skip
+                points = writer.metrics.points.labels("readings")
+                await until(lambda: points._value.get() >= 1000, 30, "1,000 points")
+                kill_9(plan, "influxdb")
+                down_at = time.monotonic()
+                await until(lambda: writer.metrics.paused._value.get() == 1, 30, "writer paused")
+                await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
+                await stack.up(plan, settings)
+                report = await fleet.audit(120)
+                assert writer.metrics.retries._value.get() > 0
+        finally:
+            await forget_session(s)
+    print(
+        f"InfluxDB kill -9: {report.sent} sent, lost {report.lost}, in InfluxDB {report.in_influx}"
+    )
+
+
+async def test_mosquitto_kill_9_mid_stream(settings: Settings, tmp_path: Path) -> None:
+    """Mosquitto (persistence on) is killed (-9) mid-stream and started again: the devices
+    and the bridge reconnect by themselves and the audit finds nothing lost."""
+    plan = stack.StackPlan(tmp_path / "mqtt", mqtt_port=free_ports(1), kinds=("mosquitto",))
+    mqtt = stack_settings(plan, kafka_bootstrap=settings.kafka_bootstrap)
+    async with own_stack(plan, mqtt):
+        s = await own_settings(mqtt, writer_flush_interval_s=0.2)
+        try:
+            async with running_bridge(s) as bridge, running_writer(s):
+                fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                   duration=20, seed=2)  # fmt: skip
+                sent = bridge.metrics.published
+                await until(lambda: sent._value.get() >= 1000, 30, "1,000 readings in Kafka")
+                kill_9(plan, "mosquitto")
+                await until(lambda: not bridge.readiness()["mqtt"], 10, "bridge sees the loss")
+                await stack.up(plan, mqtt)
+                await until(lambda: bridge.readiness()["mqtt"], 30, "bridge reconnected")
+                report = await fleet.audit(120)
+        finally:
+            await forget_session(s)
+    print(f"Mosquitto kill -9: {report.sent} sent, lost {report.lost}, "
+          f"duplicates in Kafka {report.duplicates}")  # fmt: skip
+
+
+async def _leader(bootstrap: str, topic: str) -> int:
+    async with kafka_admin(bootstrap, 10) as admin:
+        described = await admin.describe_topics([topic])
+    return int(described[0]["partitions"][0]["leader"])
+
+
+async def test_three_broker_cluster_leader_kill_and_two_brokers_down(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Three brokers, replication 3, min ISR 2. The leader of a partition of iot.readings is
+    killed (-9) mid-stream: publishing pauses briefly and goes on. Later two of the three
+    brokers stop: the bridge stops acknowledging (nothing reaches Kafka, the broker holds the
+    backlog) and its memory stays bounded; when they return the backlog drains."""
+    plan = stack.StackPlan(
+        tmp_path / "cluster", kafka_port=free_ports(3), kafka_brokers=3, kinds=("kafka",)
+    )
+    cluster = stack_settings(
+        plan, mqtt_url=settings.mqtt_url.get_secret_value(), influx_url=str(settings.influx_url)
+    )
+    figures: dict[str, Any] = {}
+    async with own_stack(plan, cluster):
+        s = await own_settings(cluster, max_in_flight=500, writer_flush_interval_s=0.2)
+        log = tmp_path / "bridge.log"
+        try:
+            with bridge_process(s, log) as bridge:
+                await until_started(log)
+                async with running_writer(s):
+                    fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                       duration=60, seed=3)  # fmt: skip
+                    await _wait_published(s, 1000)
+                    leader = await _leader(plan.kafka_bootstrap, Topics(s.topic_prefix).readings)
+                    kill_9(plan, f"kafka-{leader}")
+                    pause = await _longest_pause(log, more=1000)
+                    await stack.up(plan, cluster)
+
+                    survivor = next(n for n in (1, 2, 3) if n != leader)
+                    down = {f"kafka-{n}" for n in (1, 2, 3) if n != survivor}
+                    stack.down(plan.root, only=down)
+                    down_at, peak, acknowledged = time.time(), 0.0, []
+                    while time.time() < down_at + 20:
+                        peak = max(peak, rss_mb(bridge.pid))
+                        assert bridge.poll() is None, log.read_text()[-2000:]
+                        metrics = await scrape(log)
+                        assert metrics["iotgw_bridge_in_flight"] <= 500
+                        if time.time() > down_at + 5:
+                            acknowledged.append(metrics["iotgw_bridge_readings_published_total"])
+                        await asyncio.sleep(0.5)
+                    up_at = time.time()
+                    await stack.up(plan, cluster)
+                    report = await fleet.audit(180)
+                    drained_at = time.time()
+                    peak = max(peak, rss_mb(bridge.pid))
+        finally:
+            await forget_session(s)
+    figures = {
+        "pause_after_leader_kill_s": pause,
+        "acknowledged_while_two_down": acknowledged[-1] - acknowledged[0],
+        "backlog_drained_s": drained_at - up_at,
+        "bridge_peak_rss_mb": peak,
+    }
+    print(f"three brokers: {report.sent} sent, lost {report.lost}; {figures}")
+    # With two of three brokers down no write reaches min.insync.replicas: back-pressure.
+    assert figures["acknowledged_while_two_down"] == 0
+    assert peak < 250
+
+
+async def scrape(log: Path) -> dict[str, float]:
+    """The bridge process's metrics, from the address its start line gives."""
+    text = await asyncio.to_thread(log.read_text)
+    port = re.findall(r"metrics=http://127\.0\.0\.1:(\d+)/metrics", text)[-1]
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def _longest_pause(log: Path, *, more: int) -> float:
+    """The longest time the bridge acknowledged nothing to Kafka, watched until it has
+    published `more` readings again."""
+    metric = "iotgw_bridge_readings_published_total"
+    first = last = (await scrape(log))[metric]
+    last_change, longest = time.monotonic(), 0.0
+    async with asyncio.timeout(90):
+        while last < first + more:
+            await asyncio.sleep(0.1)
+            now, value = time.monotonic(), (await scrape(log))[metric]
+            if value > last:
+                longest, last_change, last = max(longest, now - last_change), now, value
+    return longest
+
+
+async def _wait_published(settings: Settings, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while (found := await published(settings)) < count:
+        assert time.monotonic() < deadline, f"{found} of {count} readings in Kafka"
+        await asyncio.sleep(0.5)
