@@ -7,6 +7,10 @@ import json
 import random
 
 import pytest
+from gmqtt import Message
+from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.package import PublishPacket
+from gmqtt.mqtt.utils import IdGenerator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +20,7 @@ from schemas import DeviceType
 from schemas.reading import READING
 from simulators.fleet import FAULTS, FleetTraffic, build_fleet, parse_faults
 from simulators.models import MODELS
+from simulators.simulate import _topic_and_payload
 
 pytestmark = pytest.mark.unit
 
@@ -129,3 +134,17 @@ def test_fault_spec_is_checked() -> None:
     for bad in ("nonsense=0.1", "malformed=2", "malformed", "schema=x"):
         with pytest.raises(ValueError, match="fault"):
             parse_faults(bad)
+
+
+def test_a_stored_publish_packet_gives_back_its_topic_and_payload() -> None:
+    """The simulator re-publishes readings a lost session dropped: it reads them back from
+    gmqtt's stored PUBLISH packets (MQTT 5, QoS 1, with properties and a long payload)."""
+
+    class Protocol:
+        proto_ver = MQTTv50
+        id_generator = IdGenerator()
+
+    payload = b'{"type":"thermostat","ts":1,"metrics":{"temperature_c":21.5}}' * 40
+    message = Message("devices/thermo-1/telemetry", payload, qos=1, message_expiry_interval=60)
+    _, packet = PublishPacket.build_package(message, Protocol)
+    assert _topic_and_payload(packet) == ("devices/thermo-1/telemetry", payload)
