@@ -103,6 +103,10 @@ def stack_up(
     ] = None,
     kafka_port: Annotated[int, typer.Option(help="First Kafka broker's port.")] = 9092,
     influx_port: Annotated[int, typer.Option(help="InfluxDB's HTTP port.")] = 8086,
+    kafka_advertised_port: Annotated[
+        int | None,
+        typer.Option(help="One broker: the port clients are told to use (a proxy in front)."),
+    ] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for each server (default per server).")
     ] = None,
@@ -111,8 +115,9 @@ def stack_up(
     """Install what is missing, start the servers, wait until they serve, create topics."""
     settings = load_settings()
     plan = stack.StackPlan(
-        root, mqtt_port, kafka_port, kafka_brokers, influx_port, mqtts_port=mqtts_port
-    )
+        root, mqtt_port, kafka_port, kafka_brokers, influx_port, mqtts_port=mqtts_port,
+        kafka_advertised_port=kafka_advertised_port,
+    )  # fmt: skip
     result = asyncio.run(stack.up(plan, settings, report=say, timeout_s=timeout))
     console.print(_server_table(result.servers))
     if result.topics:

@@ -72,12 +72,17 @@ class StackPlan:
     kinds: tuple[str, ...] = SERVER_KINDS
     # Mosquitto's TLS listener; the MQTT port + 7000 when not given.
     mqtts_port: int | None = None
+    # One broker only: the port it tells clients to connect to, when a proxy stands in
+    # front of it (the broker's own port when not given).
+    kafka_advertised_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.mqtts_port is None:
             object.__setattr__(self, "mqtts_port", self.mqtt_port + SECURE_MQTT_PORT_OFFSET)
         if not 1 <= self.kafka_brokers <= 9:
             raise IotgwError("--kafka-brokers must be from 1 to 9", exit_code=2)
+        if self.kafka_advertised_port is not None and self.kafka_brokers != 1:
+            raise IotgwError("--kafka-advertised-port needs a single broker", exit_code=2)
         unknown = set(self.kinds) - set(SERVER_KINDS)
         if unknown or not self.kinds:
             raise IotgwError(f"servers must be among {', '.join(SERVER_KINDS)}", exit_code=2)
@@ -137,6 +142,7 @@ class StackState:
     influx_port: int
     kinds: list[str]
     mqtts_port: int | None = None
+    kafka_advertised_port: int | None = None
     kafka_cluster_id: str = field(
         default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     )
@@ -157,7 +163,7 @@ class StackState:
     def plan(self, root: Path) -> StackPlan:
         return StackPlan(
             root, self.mqtt_port, self.kafka_port, self.kafka_brokers, self.influx_port,
-            tuple(self.kinds), self.mqtts_port,
+            tuple(self.kinds), self.mqtts_port, self.kafka_advertised_port,
         )  # fmt: skip
 
 
@@ -359,6 +365,7 @@ class KafkaNode(Server):
         self.render(
             "kafka.properties",
             node_id=self.node_id, voters=voters, port=self.port,
+            advertised_port=self.plan.kafka_advertised_port or self.port,
             controller_port=self.controller_port, data_dir=data,
             replication=replication, min_isr=2 if replication == 3 else 1,
         )  # fmt: skip
@@ -635,11 +642,12 @@ def _reconcile_state(plan: StackPlan) -> StackState:
             )
         return StackState(
             plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port,
-            list(plan.kinds), plan.mqtts_port, state.kafka_cluster_id,
+            list(plan.kinds), plan.mqtts_port, plan.kafka_advertised_port,
+            state.kafka_cluster_id,
         )  # fmt: skip
     return StackState(
         plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port, list(plan.kinds),
-        plan.mqtts_port,
+        plan.mqtts_port, plan.kafka_advertised_port,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from gateway.topics import Topics
 from simulators.audit import AuditReport, SendLog, audit_until_settled, read_since
 from simulators.runner import run_simulation
 from tests.conftest import stack_settings
+from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_bridge_faults import bridge_process, rss_mb, until_started
 from tests.integration.test_stack import free_ports
 from tests.support import forget_session, own_settings, running_bridge, running_writer, until
@@ -234,3 +235,59 @@ async def _wait_published(settings: Settings, count: int) -> None:
     while (found := await published(settings)) < count:
         assert time.monotonic() < deadline, f"{found} of {count} readings in Kafka"
         await asyncio.sleep(0.5)
+
+
+async def test_slow_then_broken_network_between_bridge_and_kafka(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A proxy between the services and Kafka adds 200 ms to every packet for 10 s, then
+    cuts every connection and refuses new ones for 20 s: the bridge goes on slower, then
+    stops acknowledging with bounded memory; once the network is back nothing is lost."""
+    port = free_ports(2)
+    plan = stack.StackPlan(
+        tmp_path / "kafka", kafka_port=port, kafka_advertised_port=port + 1, kinds=("kafka",)
+    )
+    direct = stack_settings(
+        plan, mqtt_url=settings.mqtt_url.get_secret_value(), influx_url=str(settings.influx_url)
+    )
+    async with TcpProxy(port + 1, port) as proxy, own_stack(plan, direct):
+        s = await own_settings(
+            direct, kafka_bootstrap=f"127.0.0.1:{port + 1}", writer_flush_interval_s=0.2
+        )
+        log = tmp_path / "bridge.log"
+        metric = "iotgw_bridge_readings_published_total"
+        try:
+            with bridge_process(s, log) as bridge:
+                await until_started(log)
+                async with running_writer(s):
+                    fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                       duration=45, seed=4)  # fmt: skip
+                    await _wait_published(s, 1000)
+                    proxy.latency_s = 0.2
+                    before = (await scrape(log))[metric]
+                    await asyncio.sleep(10)
+                    slow_rate = ((await scrape(log))[metric] - before) / 10
+                    proxy.cut()
+                    cut_at, peak, acknowledged = time.monotonic(), 0.0, []
+                    while time.monotonic() < cut_at + 20:
+                        peak = max(peak, rss_mb(bridge.pid))
+                        assert bridge.poll() is None, log.read_text()[-2000:]
+                        if time.monotonic() > cut_at + 5:
+                            acknowledged.append((await scrape(log))[metric])
+                        await asyncio.sleep(0.5)
+                    proxy.latency_s = 0.0
+                    proxy.restore()
+                    restored_at = time.monotonic()
+                    report = await fleet.audit(180)
+                    drained_s = time.monotonic() - restored_at
+                    peak = max(peak, rss_mb(bridge.pid))
+        finally:
+            await forget_session(s)
+    print(
+        f"network: {report.sent} sent, lost {report.lost}; with 200 ms latency "
+        f"{slow_rate:.0f} readings/s acknowledged; during the cut "
+        f"{acknowledged[-1] - acknowledged[0]:.0f}; drained {drained_s:.1f} s after; "
+        f"bridge peak RSS {peak:.0f} MB"
+    )
+    assert acknowledged[-1] == acknowledged[0]
+    assert peak < 250
