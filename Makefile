@@ -15,7 +15,7 @@ export UV_PYTHON_DOWNLOADS := never
 DEMO_DEVICES ?= 50
 DEMO_DURATION ?= 60
 
-.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status demo bench clean
+.PHONY: setup lint format test test-unit test-integration stack-up stack-down stack-status demo bench soak clean
 
 setup: $(VENV)/.synced ## Create .venv with the locked dependencies and iotgw in it
 
@@ -53,6 +53,13 @@ demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then a
 bench: setup ## iotgw against the raw ceiling and a naive bridge (under 10 minutes)
 	$(BIN)/iotgw stack up
 	$(BIN)/iotgw bench
+
+SOAK_RATE ?= 5000
+SOAK_MINUTES ?= 10
+
+soak: setup ## the bridge and the writer at 5,000 readings/s for 10 minutes, charted (not in `make test`)
+	$(BIN)/iotgw stack up
+	$(BIN)/python -m simulators.soak --rate $(SOAK_RATE) --minutes $(SOAK_MINUTES)
 
 stack-up: setup
 	$(BIN)/iotgw stack up
