@@ -482,7 +482,7 @@ async def bench(
             results["runs"].append(run)
         finally:
             subject.stop()
-            await _forget(settings, subject.client_ids)
+            await forget_sessions(settings, subject.client_ids)
             async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
                 await admin.delete_topics(
                     [s.name for s in topics.specs()] + ([topic] if topic != topics.readings else [])
@@ -495,7 +495,7 @@ async def bench(
     return results
 
 
-async def _forget(settings: Settings, client_ids: list[str]) -> None:
+async def forget_sessions(settings: Settings, client_ids: list[str]) -> None:
     """Remove the subject's sessions: the broker would queue readings for them."""
     for client_id in client_ids:
         client = Client(client_id, clean_session=True, session_expiry_interval=0)

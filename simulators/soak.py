@@ -30,7 +30,7 @@ from gateway.kafka import ensure_topics, kafka_connection, settings_admin, topic
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.bench import DEVICES, Publisher, pregenerate, process_usage
+from simulators.bench import DEVICES, Publisher, forget_sessions, pregenerate, process_usage
 from simulators.fleet import build_fleet
 
 WINDOW_S = 10.0
@@ -109,7 +109,9 @@ def service(name: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]
         "IOTGW_MQTT_SHARE_GROUP": settings.mqtt_share_group,
         "IOTGW_MQTT_CLIENT_ID": settings.mqtt_client_id,
         "IOTGW_WRITER_GROUP": settings.writer_group,
-        "IOTGW_MQTT_SESSION_EXPIRY_S": "900",
+        # Short, and removed at the end: a session left behind would go on queueing
+        # every reading for a bridge that never comes back.
+        "IOTGW_MQTT_SESSION_EXPIRY_S": "60",
         "IOTGW_METRICS_PORT": "0",
         "IOTGW_RATE_LIMIT_PER_S": "1000000",
         "IOTGW_RATE_LIMIT_BURST": "1000000",
@@ -174,6 +176,7 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
         for process in (bridge, writer):
             process.terminate()
             process.wait(20)
+        await forget_sessions(settings, [settings.mqtt_client_id])
     result = {"rate": rate, "minutes": minutes, "sent": sent, "in_kafka": watch.seen,
               "not_in_kafka": max(0, sent - watch.seen), "samples": samples}  # fmt: skip
     (out / "soak.json").write_text(json.dumps(result, indent=2))
