@@ -207,7 +207,11 @@ def chart(result: dict[str, Any], path: Path) -> None:
     latency.legend()
     for axis in (memory, lag, latency):
         axis.set_xlabel("seconds")
-    figure.suptitle(f"iotgw soak: {result['rate']:.0f} readings/s for {result['minutes']} min")
+    achieved = result["sent"] / max(samples[-1]["t_s"], 1)
+    figure.suptitle(
+        f"iotgw soak: {result['rate']:.0f} readings/s offered, {achieved:.0f}/s sent, "
+        f"for {result['minutes']} min"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
