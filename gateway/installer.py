@@ -21,6 +21,8 @@ DEBIAN_PACKAGES = {
     "mosquitto": "mosquitto",
     "influxd": "influxdb",
     "mosquitto_sub": "mosquitto-clients",
+    # The Compose implementation the tests validate compose/docker-compose.yml with.
+    "docker-compose": "docker-compose",
 }
 MIN_JAVA = 17
 _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
