@@ -12,7 +12,6 @@ from urllib.parse import unquote, urlsplit
 from pydantic import (
     AfterValidator,
     Field,
-    FilePath,
     HttpUrl,
     SecretStr,
     ValidationError,
@@ -122,7 +121,8 @@ class Settings(BaseSettings):
         default_factory=_default_client_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
     )
     # The CA that signed the broker's certificate (mqtts://); the system's CAs when unset.
-    mqtt_ca_file: FilePath | None = None
+    # Checked when a connection is made: a deployment may create it after loading settings.
+    mqtt_ca_file: Path | None = None
     # Mosquitto's password file, which `iotgw devices ... --credentials` edits; the local
     # stack's (.stack/mosquitto/passwd) when unset.
     mqtt_password_file: Path | None = None
@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: KafkaSaslMechanism = "SCRAM-SHA-512"
     kafka_username: str | None = None
     kafka_password: SecretStr | None = None
-    kafka_ca_file: FilePath | None = None
+    kafka_ca_file: Path | None = None
     influx_url: Annotated[HttpUrl, AfterValidator(_check_no_credentials)] = HttpUrl(
         "http://127.0.0.1:8086"
     )
@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     influx_db: str = Field(default="iot", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
     topic_prefix: str = Field(default="iot", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     readings_partitions: int = Field(default=6, ge=1, le=10_000)
+    # Replication of the topics `iotgw topics create` makes; unset: 3, or fewer when the
+    # cluster has fewer brokers. Set, creation waits (up to IOTGW_TIMEOUT_S) for that many.
+    topic_replication: int | None = Field(default=None, ge=1, le=10)
     require_registration: bool = True
     rules_file: Path = Path("rules.yaml")
     # 0 takes any free port (tests run several services in one process).

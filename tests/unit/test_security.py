@@ -14,8 +14,9 @@ from gateway import stack
 from gateway.certs import ensure_certificates
 from gateway.errors import ConfigError, IotgwError
 from gateway.kafka import kafka_security
+from gateway.mqtt import tls_context
 from gateway.mqtt_auth import PasswordFile, generate_password, hash_password, verify_password
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, load_settings, parse_mqtt_url
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("clean_environment")]
 
@@ -73,6 +74,22 @@ def test_certificates_verify_the_server_and_the_ca_is_reused(tmp_path: Path) -> 
     ensure_certificates(tmp_path, ["mosquitto"])
     assert files.ca_cert.read_bytes() == ca_bytes
     assert files.server_cert.read_bytes() != server_bytes
+
+
+def test_a_new_ca_gets_a_new_server_certificate_and_its_key_may_live_apart(
+    tmp_path: Path,
+) -> None:
+    """A CA made anew (same name, other key) is not trusted to have signed the old server
+    certificate: that is made again. The CA's key can be kept out of the certificates'
+    folder, which a broker mounts."""
+    files = ensure_certificates(tmp_path / "certs", ["mosquitto"], key_folder=tmp_path / "ca")
+    assert not (tmp_path / "certs" / "ca.key").exists()
+    assert files.ca_key == tmp_path / "ca" / "ca.key"
+    files.ca_cert.unlink()
+    files.ca_key.unlink()
+    renewed = ensure_certificates(tmp_path / "certs", ["mosquitto"], key_folder=tmp_path / "ca")
+    ca = x509.load_pem_x509_certificate(renewed.ca_cert.read_bytes())
+    x509.load_pem_x509_certificate(renewed.server_cert.read_bytes()).verify_directly_issued_by(ca)
 
 
 def test_local_mosquitto_config_is_the_compose_file_moved_to_the_stack() -> None:
@@ -133,7 +150,6 @@ def test_kafka_sasl_scram_over_tls_from_settings(tmp_path: Path) -> None:
         ({"IOTGW_KAFKA_USERNAME": "u", "IOTGW_KAFKA_PASSWORD": "p"}, "need IOTGW_KAFKA_SECURITY"),
         ({"IOTGW_INFLUX_USERNAME": "writer"}, "go together"),
         ({"IOTGW_INFLUX_URL": "http://writer:hunter2@influx:8086"}, "must not carry credentials"),
-        ({"IOTGW_MQTT_CA_FILE": "/nowhere/ca.crt"}, "IOTGW_MQTT_CA_FILE"),
     ],
 )
 def test_incomplete_or_leaky_security_settings_are_refused(
@@ -154,3 +170,15 @@ def test_influx_credentials_are_basic_auth_and_hidden() -> None:
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in str(settings.model_dump())
     assert Settings().influx_auth is None
+
+
+def test_a_missing_ca_file_is_one_line_when_connecting() -> None:
+    """The CA file is read when a TLS connection is made (Compose creates it after the
+    settings load): a missing one is a clear error then, for MQTT and for Kafka."""
+    endpoint = parse_mqtt_url("mqtts://iotgw:pw@broker:8883")
+    with pytest.raises(IotgwError, match=r"cannot use the CA file /nowhere/ca\.crt"):
+        tls_context(endpoint, Path("/nowhere/ca.crt"))
+    assert tls_context(parse_mqtt_url("mqtt://broker:1883"), Path("/nowhere/ca.crt")) is False
+    kafka = Settings(kafka_security_protocol="SSL", kafka_ca_file=Path("/nowhere/ca.crt"))
+    with pytest.raises(IotgwError, match=r"cannot use the CA file /nowhere/ca\.crt"):
+        kafka_security(kafka)
