@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -28,9 +29,11 @@ RENEW_BEFORE = dt.timedelta(days=30)
 
 @dataclass(frozen=True)
 class CertFiles:
-    """The files of one certificate folder."""
+    """The files of one certificate folder; the CA's key may live in a folder of its own,
+    so that what mounts the certificates (a broker) cannot read it."""
 
     folder: Path
+    key_folder: Path | None = None
 
     @property
     def ca_cert(self) -> Path:
@@ -38,7 +41,7 @@ class CertFiles:
 
     @property
     def ca_key(self) -> Path:
-        return self.folder / "ca.key"
+        return (self.key_folder or self.folder) / "ca.key"
 
     @property
     def server_cert(self) -> Path:
@@ -114,19 +117,23 @@ def _new_ca(files: CertFiles, now: dt.datetime) -> None:
 
 
 def _server_cert_current(files: CertFiles, hosts: list[str], now: dt.datetime) -> bool:
-    """True when server.crt exists, is signed by this CA, names `hosts` and is not near its end."""
+    """True when server.crt and server.key exist and belong together, the certificate is
+    signed by this CA (not merely by one of the same name), names `hosts` and is not near
+    its end."""
     if not (files.server_cert.exists() and files.server_key.exists()):
         return False
     try:
         cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
         ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(files.server_key.read_bytes(), password=None)
+        cert.verify_directly_issued_by(ca)
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         return False
     listed = {str(n) for n in names.get_values_for_type(x509.DNSName)}
     listed |= {str(n) for n in names.get_values_for_type(x509.IPAddress)}
     return (
-        cert.issuer == ca.subject
+        key.public_key() == cert.public_key()
         and set(hosts) <= listed
         and cert.not_valid_after_utc - RENEW_BEFORE > now
     )
@@ -142,13 +149,16 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def ensure_certificates(folder: Path, hosts: list[str]) -> CertFiles:
+def ensure_certificates(
+    folder: Path, hosts: list[str], *, key_folder: Path | None = None
+) -> CertFiles:
     """Make the CA (once) and a server certificate for `hosts` (when missing, stale or expiring).
 
     Returns the files. Keys are readable by their owner only; certificates by everyone.
     """
-    files = CertFiles(folder)
+    files = CertFiles(folder, key_folder)
     folder.mkdir(parents=True, exist_ok=True)
+    files.ca_key.parent.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     if not files.ca_cert.exists() or not files.ca_key.exists():
         _new_ca(files, now)

@@ -180,6 +180,10 @@ def broker_init(
     host: Annotated[
         list[str], typer.Option(help="A name (or IP) devices reach the broker by; repeatable.")
     ],
+    ca_key_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep ca.key here instead, out of what the broker mounts."),
+    ] = None,
 ) -> None:
     """Make the CA (once) and the broker's server certificate, and store the gateway's login
     (the user and password of IOTGW_MQTT_URL) in IOTGW_MQTT_PASSWORD_FILE.
@@ -197,7 +201,7 @@ def broker_init(
             "the gateway's rights",
             exit_code=2,
         )
-    files = ensure_certificates(certs_dir, host)
+    files = ensure_certificates(certs_dir, host, key_folder=ca_key_dir)
     passwords = PasswordFile(settings.mqtt_password_file)
     password = endpoint.password.get_secret_value()
     if not passwords.check(GATEWAY_USER, password):

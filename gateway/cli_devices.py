@@ -231,7 +231,7 @@ def show(device_id: DeviceIdArg, as_json: JsonOption = False) -> None:
         console.print(_device_table([device]))
 
 
-def _set_enabled(device_id: str, enabled: bool) -> Settings:
+def _set_enabled(device_id: str, enabled: bool, *, quiet: bool = False) -> Settings:
     word = "enabled" if enabled else "disabled"
 
     async def work(settings: Settings, registry: DeviceRegistry) -> bool:
@@ -244,7 +244,8 @@ def _set_enabled(device_id: str, enabled: bool) -> Settings:
 
     settings = load_settings()
     changed = _run_with_registry(work)
-    console.print(f"{word} {device_id}" if changed else f"{device_id} was already {word}")
+    if not quiet:
+        console.print(f"{word} {device_id}" if changed else f"{device_id} was already {word}")
     return settings
 
 
@@ -255,14 +256,16 @@ def enable(
     """Accept readings from a device again; --credentials gives it a new MQTT login."""
     if credentials:
         _check_login_name(device_id)
-    settings = _set_enabled(device_id, True)
+    settings = _set_enabled(device_id, True, quiet=as_json)
     passwords, _ = _password_file(settings)
     if credentials:
         _print_password(device_id, _issue_credentials(settings, device_id), as_json)
-    elif passwords.path.exists() and device_id not in passwords.users():
+    elif as_json:
+        _print_json({"device_id": device_id, "enabled": True})
+    if not credentials and passwords.path.exists() and device_id not in passwords.users():
         say_quietly(
-            f"{device_id} has no MQTT login (disabling revoked it): "
-            f"`iotgw devices enable {device_id} --credentials` makes a new one"
+            f"{device_id} has no MQTT login on the secure listener: "
+            f"`iotgw devices enable {device_id} --credentials` makes one"
         )
 
 

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` in one step, with permissions `mode` from the first byte.
 
-    A reader sees the old file or the new one, never half of it; a key is never
-    readable by others, not even for a moment.
+    A reader sees the old file or the new one, never half of it; a key is never readable
+    by others, not even for a moment (a fresh temporary file, made 0600 by mkstemp); the
+    data is on disk before the rename, so a power cut cannot leave an empty file.
     """
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    # The umask may have narrowed `mode` at creation; a certificate must stay readable.
-    temporary.chmod(mode)
-    temporary.replace(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(temporary).unlink()
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -255,7 +255,7 @@ class Mosquitto(Server):
         """The gateway's password: made on the first start, kept after."""
         secret = self.plan.gateway_password_file
         passwords = PasswordFile(self.plan.password_file)
-        if secret.exists() and GATEWAY_USER in passwords.users():
+        if secret.exists() and passwords.check(GATEWAY_USER, secret.read_text().strip()):
             return
         password = generate_password()
         write_atomically(secret, f"{password}\n".encode())

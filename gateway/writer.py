@@ -414,10 +414,14 @@ class Writer:
 
 
 def _series_values(response: httpx.Response) -> list[list[Any]]:
-    """The rows of every series of an InfluxQL answer."""
+    """The rows of every series of an InfluxQL answer (none if it is not one)."""
+    try:
+        results = response.json().get("results", [])
+    except (ValueError, AttributeError):
+        return []
     return [
         row
-        for result in response.json().get("results", [])
+        for result in results
         for series in result.get("series", [])
         for row in series.get("values", [])
     ]
