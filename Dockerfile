@@ -23,7 +23,7 @@ FROM python:3.11-slim-bookworm
 # and the server key that iotgw writes (mode 0600) are readable by the broker, no one else.
 RUN groupadd --gid 1883 iotgw \
     && useradd --uid 1883 --gid 1883 --home-dir /var/lib/iotgw --shell /usr/sbin/nologin iotgw \
-    && mkdir -p /var/lib/iotgw/certs /var/lib/iotgw/auth /etc/iotgw \
+    && mkdir -p /var/lib/iotgw/certs /var/lib/iotgw/ca /var/lib/iotgw/auth /etc/iotgw \
     && chown -R iotgw:iotgw /var/lib/iotgw
 COPY --from=build /opt/iotgw /opt/iotgw
 COPY rules.yaml /etc/iotgw/rules.yaml

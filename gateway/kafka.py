@@ -190,8 +190,7 @@ async def ensure_topics(settings: Settings) -> list[TopicResult]:
     specs = Topics(settings.topic_prefix).specs(settings.readings_partitions)
     async with settings_admin(settings) as admin:
         try:
-            cluster = await asyncio.wait_for(admin.describe_cluster(), settings.timeout_s)
-            replication = min(3, len(cluster["brokers"]))
+            replication = await _replication(admin, settings)
             response = await asyncio.wait_for(
                 admin.create_topics(
                     [
@@ -218,6 +217,26 @@ async def ensure_topics(settings: Settings) -> list[TopicResult]:
         TopicResult(s.name, s.partitions, replication, created=errors.get(s.name, (0, ""))[0] == 0)
         for s in specs
     ]
+
+
+async def _replication(admin: AIOKafkaAdminClient, settings: Settings) -> int:
+    """The replication factor for new topics; with IOTGW_TOPIC_REPLICATION, once the
+    cluster has that many brokers (brokers of a new cluster register one by one)."""
+    deadline = asyncio.get_running_loop().time() + settings.timeout_s
+    while True:
+        cluster = await asyncio.wait_for(admin.describe_cluster(), settings.timeout_s)
+        brokers = len(cluster["brokers"])
+        wanted = settings.topic_replication
+        if wanted is None:
+            return min(3, brokers)
+        if brokers >= wanted:
+            return wanted
+        if asyncio.get_running_loop().time() > deadline:
+            raise IotgwError(
+                f"IOTGW_TOPIC_REPLICATION={wanted} needs {wanted} brokers; "
+                f"Kafka has {brokers} after {settings.timeout_s:.0f} s"
+            )
+        await asyncio.sleep(0.5)
 
 
 def describe_kafka_error(exc: BaseException) -> str:

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 
 COMPOSE = stack.PROJECT_ROOT / "compose"
 ENV_EXAMPLE = COMPOSE / ".env.example"
-IOTGW_SERVICES = {"broker-init", "topics", "bridge-1", "bridge-2", "writer", "rules", "simulator"}
+IOTGW_SERVICES = {
+    "broker-init", "admin", "topics", "bridge-1", "bridge-2", "writer", "rules", "simulator",
+}  # fmt: skip
 ALL_SERVICES = IOTGW_SERVICES | {"mosquitto", "kafka", "kafka-2", "kafka-3", "influxdb", "grafana"}
 
 
@@ -60,7 +62,7 @@ def test_compose_file_loads_with_every_profile(compose_command: list[str]) -> No
     assert set(services) == ALL_SERVICES
     optional = {name: s["profiles"] for name, s in services.items() if "profiles" in s}
     assert optional == {"simulator": ["demo"], "kafka-2": ["kafka-cluster"],
-                        "kafka-3": ["kafka-cluster"]}  # fmt: skip
+                        "kafka-3": ["kafka-cluster"], "admin": ["admin"]}  # fmt: skip
     for name, service in services.items():
         needed = set(service.get("depends_on", {}))
         assert needed <= set(services), name
@@ -158,3 +160,23 @@ def test_dockerfile_installs_from_the_lock_and_runs_as_non_root() -> None:
     assert users
     assert users[-1] not in ("root", "0")
     assert lines[-2:] == ['ENTRYPOINT ["iotgw"]', 'CMD ["--help"]']
+
+
+def test_secrets_are_mounted_only_where_needed(compose_command: list[str]) -> None:
+    """The CA's key is in broker-init alone; device logins are changed by broker-init and
+    the admin service alone (the broker reads them); the services see certificates only."""
+    services = config(compose_command, "--profile", "demo", "--profile", "admin")["services"]
+
+    def mounting(volume: str) -> dict[str, str]:
+        found = {}
+        for name, service in services.items():
+            for entry in service.get("volumes", []):
+                source, _, rest = entry.partition(":")
+                if source == volume:
+                    found[name] = "ro" if rest.endswith(":ro") else "rw"
+        return found
+
+    assert mounting("ca-key") == {"broker-init": "rw"}
+    assert mounting("mosquitto-auth") == {"broker-init": "rw", "admin": "rw", "mosquitto": "ro"}
+    assert set(mounting("certs").values()) == {"ro", "rw"}
+    assert {n for n, mode in mounting("certs").items() if mode == "rw"} == {"broker-init"}

@@ -112,6 +112,20 @@ def test_topics_create_is_idempotent(local_stack: stack.StackPlan) -> None:
     assert f"{prefix}.readings.dlq" in second.stdout
 
 
+def test_topic_replication_waits_for_enough_brokers(local_stack: stack.StackPlan) -> None:
+    """IOTGW_TOPIC_REPLICATION=2 on a one-broker cluster: after IOTGW_TIMEOUT_S, one line
+    naming the setting and the brokers there are; nothing is created."""
+    prefix = unique("t").replace("-", "")
+    result = run_cli(
+        "topics", "create", IOTGW_TOPIC_PREFIX=prefix, IOTGW_TOPIC_REPLICATION="2",
+        IOTGW_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap, IOTGW_TIMEOUT_S="2",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "iotgw: error: IOTGW_TOPIC_REPLICATION=2 needs 2 brokers; Kafka has 1 after 2 s"
+    ]
+
+
 def test_unreachable_kafka_is_one_line_within_timeout() -> None:
     """A closed Kafka port gives one error line and exit 1, not a traceback or a hang."""
     port = free_ports(1)
