@@ -63,6 +63,10 @@ class TcpProxy:
         except OSError:
             client_out.transport.abort()
             return
+        if self._cut:  # cut while this connection was being made
+            client_out.transport.abort()
+            server_out.transport.abort()
+            return
         self._writers |= {client_out, server_out}
         for source, sink in ((client_in, server_out), (server_in, client_out)):
             pipe = asyncio.create_task(self._pipe(source, sink))
