@@ -81,22 +81,20 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False))
 
 
-def _password_file(settings: Settings) -> tuple[PasswordFile, bool]:
-    """Mosquitto's password file, and whether it is the local stack's."""
-    local = stack.StackPlan().password_file
-    path = settings.mqtt_password_file or local
-    return PasswordFile(path), path.resolve() == local.resolve()
+def _password_file(settings: Settings) -> PasswordFile:
+    """Mosquitto's password file: IOTGW_MQTT_PASSWORD_FILE, else the local stack's."""
+    return PasswordFile(settings.mqtt_password_file or stack.StackPlan().password_file)
 
 
 def _reload_broker(settings: Settings) -> None:
     """Tell the user how the broker learns of a changed password file, making it so if we can."""
-    passwords, local = _password_file(settings)
-    if local:
+    path = _password_file(settings).path
+    if path.resolve() == stack.StackPlan().password_file.resolve():
         if not stack.reload_mosquitto():
             say_quietly("the local stack's Mosquitto is not running; it reads the logins at start")
         return
     say_quietly(
-        f"{passwords.path} changed: Mosquitto reads it on SIGHUP "
+        f"{path} changed: Mosquitto reads it on SIGHUP "
         "(the Compose deployment's broker does so within 2 s)"
     )
 
@@ -118,14 +116,14 @@ def _issue_credentials(settings: Settings, device_id: str) -> str:
     """A new password for `device_id` on the secure listener; its hash replaces any older one."""
     _check_login_name(device_id)
     password = generate_password()
-    _password_file(settings)[0].set(device_id, password)
+    _password_file(settings).set(device_id, password)
     _reload_broker(settings)
     return password
 
 
 def _revoke_credentials(settings: Settings, device_id: str) -> bool:
     """Take `device_id`'s login out of the password file; the broker drops its connections."""
-    if device_id == GATEWAY_USER or not _password_file(settings)[0].remove(device_id):
+    if device_id == GATEWAY_USER or not _password_file(settings).remove(device_id):
         return False
     _reload_broker(settings)
     return True
@@ -257,7 +255,7 @@ def enable(
     if credentials:
         _check_login_name(device_id)
     settings = _set_enabled(device_id, True, quiet=as_json)
-    passwords, _ = _password_file(settings)
+    passwords = _password_file(settings)
     if credentials:
         _print_password(device_id, _issue_credentials(settings, device_id), as_json)
     elif as_json:

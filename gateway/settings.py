@@ -213,6 +213,21 @@ class Settings(BaseSettings):
             return (self.influx_username, self.influx_password.get_secret_value())
         return None
 
+    def environment(self) -> dict[str, str]:
+        """These settings as `IOTGW_*` variables: how to configure another iotgw process
+        (a service, a benchmark subject) exactly like this one. Holds the secrets."""
+        variables = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            variables[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return variables
+
     def metrics_port_for(self, service: Service) -> int:
         if self.metrics_port is None:
             return DEFAULT_METRICS_PORTS[service]

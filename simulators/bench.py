@@ -175,6 +175,19 @@ def process_usage(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
 
 
+def unlimited(settings: Settings, client_id: str, session_expiry_s: int) -> Settings:
+    """A measured bridge's settings: no rate limit (the load is the point), any metrics port."""
+    return settings.model_copy(
+        update={
+            "mqtt_client_id": client_id,
+            "mqtt_session_expiry_s": session_expiry_s,
+            "metrics_port": 0,
+            "rate_limit_per_s": 1_000_000.0,
+            "rate_limit_burst": 1_000_000,
+        }
+    )
+
+
 @dataclass
 class Subject:
     """A system under test: its processes, the topic it writes, how to start it."""
@@ -186,19 +199,7 @@ class Subject:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def env(self, client_id: str) -> dict[str, str]:
-        s = self.settings
-        return {
-            **os.environ,
-            "IOTGW_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "IOTGW_MQTT_URL": s.mqtt_url.get_secret_value(),
-            "IOTGW_TOPIC_PREFIX": s.topic_prefix,
-            "IOTGW_MQTT_SHARE_GROUP": s.mqtt_share_group,
-            "IOTGW_MQTT_CLIENT_ID": client_id,
-            "IOTGW_MQTT_SESSION_EXPIRY_S": "900",
-            "IOTGW_METRICS_PORT": "0",
-            "IOTGW_RATE_LIMIT_PER_S": "1000000",
-            "IOTGW_RATE_LIMIT_BURST": "1000000",
-        }
+        return {**os.environ, **unlimited(self.settings, client_id, 900).environment()}
 
     @property
     def client_ids(self) -> list[str]:

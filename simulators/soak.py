@@ -30,7 +30,14 @@ from gateway.kafka import ensure_topics, kafka_connection, settings_admin, topic
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.bench import DEVICES, Publisher, forget_sessions, pregenerate, process_usage
+from simulators.bench import (
+    DEVICES,
+    Publisher,
+    forget_sessions,
+    pregenerate,
+    process_usage,
+    unlimited,
+)
 from simulators.fleet import build_fleet
 
 WINDOW_S = 10.0
@@ -99,23 +106,9 @@ async def _started(log: Path, marker: str) -> None:
 
 
 def service(name: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOTGW_MQTT_URL": settings.mqtt_url.get_secret_value(),
-        "IOTGW_INFLUX_URL": str(settings.influx_url),
-        "IOTGW_INFLUX_DB": settings.influx_db,
-        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
-        "IOTGW_MQTT_SHARE_GROUP": settings.mqtt_share_group,
-        "IOTGW_MQTT_CLIENT_ID": settings.mqtt_client_id,
-        "IOTGW_WRITER_GROUP": settings.writer_group,
-        # Short, and removed at the end: a session left behind would go on queueing
-        # every reading for a bridge that never comes back.
-        "IOTGW_MQTT_SESSION_EXPIRY_S": "60",
-        "IOTGW_METRICS_PORT": "0",
-        "IOTGW_RATE_LIMIT_PER_S": "1000000",
-        "IOTGW_RATE_LIMIT_BURST": "1000000",
-    }
+    # A short session, removed at the end: a session left behind would go on queueing
+    # every reading for a bridge that never comes back.
+    env = {**os.environ, **unlimited(settings, settings.mqtt_client_id, 60).environment()}
     with log.open("wb") as out:  # a fresh log: its start line is this run's
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", name], stdout=out, stderr=out, env=env

@@ -12,6 +12,11 @@ from hypothesis import strategies as st
 from gateway.clock import now_ms
 from schemas.reading import MAX_PAYLOAD_BYTES
 
+# DESIGN.md, "Rejections": the only reasons a dead letter may carry.
+REASONS = {
+    "malformed", "too_large", "schema", "id_mismatch", "unknown_device", "device_disabled",
+    "type_mismatch", "clock_skew", "rate_limited",
+}  # fmt: skip
 DEVICE_TYPES = ["thermostat", "air_quality", "motion", "contact", "smart_plug"]
 METRIC_NAMES = [
     "temperature_c", "humidity_pct", "setpoint_c", "heating", "co2_ppm", "pm2_5_ugm3",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,14 +38,19 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str = "co
         await asyncio.sleep(0.02)
 
 
-def start_service(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`iotgw run SERVICE` as its own process, its output appended to `log`."""
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment of an iotgw process configured exactly like `settings`."""
+    return {**os.environ, **settings.environment()}
+
+
+def start_service(service: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`iotgw run SERVICE` as its own process with `settings`, its output appended to `log`."""
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", service],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=service_env(settings),
         )
 
 

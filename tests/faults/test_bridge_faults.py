@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -34,24 +33,10 @@ from tests.support import (
 pytestmark = pytest.mark.faults
 
 
-def bridge_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "IOTGW_MQTT_URL": settings.mqtt_url.get_secret_value(),
-        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
-        "IOTGW_MQTT_SHARE_GROUP": settings.mqtt_share_group,
-        "IOTGW_MQTT_CLIENT_ID": settings.mqtt_client_id,
-        "IOTGW_MQTT_SESSION_EXPIRY_S": str(settings.mqtt_session_expiry_s),
-        "IOTGW_MAX_IN_FLIGHT": str(settings.max_in_flight),
-        "IOTGW_METRICS_PORT": "0",
-    }
-
-
 @contextmanager
 def bridge_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`iotgw run bridge` as its own process; killed at the end if still running."""
-    process = start_service("bridge", bridge_env(settings), log)
+    process = start_service("bridge", settings, log)
     try:
         yield process
     finally:

@@ -17,7 +17,7 @@ from gateway.validation import ReadingValidator
 from schemas import Device, DeviceType
 from tests.conftest import unique
 from tests.faults.test_bridge_faults import stream
-from tests.hostile import draw_payloads, nasty_corpus
+from tests.hostile import REASONS, draw_payloads, nasty_corpus
 from tests.support import (
     DevicePublisher,
     TopicReader,
@@ -31,10 +31,6 @@ from tests.support import (
 pytestmark = pytest.mark.faults
 
 PAYLOADS = 10_000
-REASONS = {
-    "malformed", "too_large", "schema", "id_mismatch", "unknown_device", "device_disabled",
-    "type_mismatch", "clock_skew", "rate_limited",
-}  # fmt: skip
 
 
 async def test_hostile_payloads_are_all_accounted_for_and_valid_readings_flow(

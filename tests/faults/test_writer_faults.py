@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from pathlib import Path
@@ -73,19 +72,9 @@ async def test_kill_9_mid_batch_then_restart_writes_every_point_once(
     s = await own_settings(settings, writer_batch_size=1000)
     device, t0 = unique("thermo"), now_ms() - 3_600_000
     await produce(s, Topics(s.topic_prefix).readings, readings(device, 0, 20_000, t0))
-    env = {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "IOTGW_INFLUX_URL": str(s.influx_url),
-        "IOTGW_INFLUX_DB": s.influx_db,
-        "IOTGW_TOPIC_PREFIX": s.topic_prefix,
-        "IOTGW_WRITER_GROUP": s.writer_group,
-        "IOTGW_WRITER_BATCH_SIZE": "1000",
-        "IOTGW_METRICS_PORT": "0",
-    }
     log = tmp_path / "writer.log"
 
-    first = start_service("writer", env, log)
+    first = start_service("writer", s, log)
     try:
         deadline = time.monotonic() + 60
         while await influx_count(s, "thermostat") < 3000:
@@ -96,7 +85,7 @@ async def test_kill_9_mid_batch_then_restart_writes_every_point_once(
         first.kill()
         first.wait()
     written_before_restart = await influx_count(s, "thermostat")
-    second = start_service("writer", env, log)
+    second = start_service("writer", s, log)
     try:
         await until_points(s, "thermostat", 20_000, timeout_s=120)
     finally:

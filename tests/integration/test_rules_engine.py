@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -245,21 +244,11 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
     }])  # fmt: skip
     device_id = unique("thermo")
     await register(s, Device(device_id=device_id, type=DeviceType.THERMOSTAT, registered_at=0))
-    env = {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-        "IOTGW_MQTT_URL": s.mqtt_url.get_secret_value(),
-        "IOTGW_TOPIC_PREFIX": s.topic_prefix,
-        "IOTGW_RULES_FILE": str(s.rules_file),
-        "IOTGW_RULES_GROUP": s.rules_group,
-        "IOTGW_RULES_INSTANCE_ID": s.rules_instance_id,
-        "IOTGW_RULES_GRACE_S": "0.5",
-        "IOTGW_METRICS_PORT": "0",
-    }
+    engine_settings = s.model_copy(update={"rules_grace_s": 0.5})
     log = tmp_path / "rules.log"
 
     t0 = now_ms() - 600_000
-    engine = start_service("rules", env, log)
+    engine = start_service("rules", engine_settings, log)
     try:
         async with (
             TopicReader(s, Topics(s.topic_prefix).alerts, committed_only=True) as alerts,
@@ -281,7 +270,7 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
             await publish_series(
                 s, device_id, [(t, {"temperature_c": v}) for t, v in cooling], t0, "thermostat"
             )
-            engine = start_service("rules", env, log)
+            engine = start_service("rules", engine_settings, log)
             await alerts.wait_for(2, 60)
             await asyncio.sleep(2)
     finally:

@@ -230,23 +230,19 @@ async def test_secrets_never_reach_logs_or_errors(
     device_password = await register_with_credentials(own, unique("sec"))
     influx_password, kafka_password = unique("influx-secret"), unique("kafka-secret")
     secrets = [gateway_password, device_password, influx_password, kafka_password]
-    env = {
-        "IOTGW_MQTT_URL": local_stack.secure_mqtt_url(),
-        "IOTGW_MQTT_CA_FILE": str(local_stack.certs.ca_cert),
-        "IOTGW_MQTT_CLIENT_ID": own.mqtt_client_id,
-        "IOTGW_MQTT_SHARE_GROUP": own.mqtt_share_group,
-        "IOTGW_MQTT_SESSION_EXPIRY_S": "0",
-        "IOTGW_KAFKA_BOOTSTRAP": own.kafka_bootstrap,
-        "IOTGW_TOPIC_PREFIX": own.topic_prefix,
-        "IOTGW_WRITER_GROUP": own.writer_group,
-        "IOTGW_RULES_GROUP": unique("rules"),
-        "IOTGW_RULES_INSTANCE_ID": unique("rules"),
-        "IOTGW_INFLUX_DB": own.influx_db,
-        "IOTGW_INFLUX_USERNAME": "writer",
-        "IOTGW_INFLUX_PASSWORD": influx_password,
-        "IOTGW_METRICS_PORT": "0",
-    }
-    services = start_service("all", {**os.environ, **env}, tmp_path / "run-all.log")
+    secure = own.model_copy(
+        update={
+            "mqtt_url": SecretStr(local_stack.secure_mqtt_url()),
+            "mqtt_ca_file": local_stack.certs.ca_cert,
+            "mqtt_session_expiry_s": 0,
+            "rules_group": unique("rules"),
+            "rules_instance_id": unique("rules"),
+            "influx_username": "writer",
+            "influx_password": SecretStr(influx_password),
+        }
+    )
+    env = secure.environment()
+    services = start_service("all", secure, tmp_path / "run-all.log")
     log = tmp_path / "run-all.log"
     try:
         started = ("event=bridge_started", "event=writer_started", "event=rules_started")
@@ -254,15 +250,15 @@ async def test_secrets_never_reach_logs_or_errors(
     finally:
         services.terminate()
         assert await asyncio.to_thread(services.wait, 20) == 0
-    secure = f"127.0.0.1:{local_stack.secure_mqtt_port}"
+    listener = f"127.0.0.1:{local_stack.secure_mqtt_port}"
     failing = [
         # Another login's password as the gateway's: refused by the broker.
-        {"IOTGW_MQTT_URL": f"mqtts://iotgw:{device_password}@{secure}"},
+        {"IOTGW_MQTT_URL": f"mqtts://iotgw:{device_password}@{listener}"},
         # SASL that the local Kafka does not speak.
         {"IOTGW_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "IOTGW_KAFKA_USERNAME": "gw",
          "IOTGW_KAFKA_PASSWORD": kafka_password, "IOTGW_TIMEOUT_S": "3"},
         # An invalid URL that carries a password, and an invalid setting beside it.
-        {"IOTGW_MQTT_URL": f"mqtts://iotgw:{gateway_password}@{secure}x",
+        {"IOTGW_MQTT_URL": f"mqtts://iotgw:{gateway_password}@{listener}x",
          "IOTGW_READINGS_PARTITIONS": "0"},
     ]  # fmt: skip
     outputs = [log.read_text()]

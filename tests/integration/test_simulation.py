@@ -16,27 +16,18 @@ from simulators.audit import SendLog, audit_until_settled
 from simulators.fleet import FAULTS, parse_faults
 from simulators.runner import run_simulation
 from tests.conftest import unique
-from tests.support import forget_session, own_settings, running_bridge, running_writer
+from tests.support import (
+    forget_session,
+    own_settings,
+    running_bridge,
+    running_writer,
+    service_env,
+)
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_FAULTS = ",".join(f"{kind}=0.01" for kind in FAULTS if kind != "offline")
-
-
-def isolated_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOTGW_INFLUX_URL": str(settings.influx_url),
-        "IOTGW_INFLUX_DB": settings.influx_db,
-        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
-        "IOTGW_MQTT_SHARE_GROUP": settings.mqtt_share_group,
-        "IOTGW_MQTT_CLIENT_ID": settings.mqtt_client_id,
-        "IOTGW_WRITER_GROUP": settings.writer_group,
-        "IOTGW_MQTT_SESSION_EXPIRY_S": "300",
-        "IOTGW_METRICS_PORT": "0",
-    }
 
 
 async def test_simulate_then_audit_finds_nothing_lost(settings: Settings, tmp_path: Path) -> None:
@@ -94,7 +85,7 @@ def test_make_demo_runs_end_to_end(settings: Settings) -> None:
     try:
         result = subprocess.run(
             ["make", "demo", "DEMO_DURATION=6"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=isolated_env(s),
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=service_env(s),
         )  # fmt: skip
     finally:
         asyncio.run(forget_session(s))

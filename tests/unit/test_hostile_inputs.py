@@ -14,7 +14,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.validation import Accepted, Outcome, ReadingValidator, Rejected
 from schemas import Device, DeviceType
 from schemas.reading import MAX_PAYLOAD_BYTES, READING
-from tests.hostile import NASTY_TEXT, nasty_corpus, payloads
+from tests.hostile import NASTY_TEXT, REASONS, nasty_corpus, payloads
 
 pytestmark = pytest.mark.unit
 
@@ -23,11 +23,6 @@ REGISTRY = {
     DEVICE: Device(device_id=DEVICE, type=DeviceType.THERMOSTAT, registered_at=0),
     "plug-1": Device(device_id="plug-1", type=DeviceType.SMART_PLUG, registered_at=0),
 }
-# DESIGN.md, "Rejections": the only reasons a dead letter may carry.
-REASONS = {
-    "malformed", "too_large", "schema", "id_mismatch", "unknown_device", "device_disabled",
-    "type_mismatch", "clock_skew", "rate_limited",
-}  # fmt: skip
 
 
 def validator() -> ReadingValidator:

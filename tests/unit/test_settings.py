@@ -133,3 +133,19 @@ def test_writer_and_rules_need_their_own_groups(monkeypatch: pytest.MonkeyPatch)
         ConfigError, match=r"^invalid settings: IOTGW_WRITER_GROUP and IOTGW_RULES_GROUP"
     ):
         load_settings()
+
+
+def test_environment_configures_another_process_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Settings.environment()` is what a service needs to load the very same settings."""
+    original = Settings(
+        mqtt_url="mqtts://iotgw:s3cret@broker:8883",
+        require_registration=False,
+        metrics_port=0,
+        rules_file=Path("/etc/iotgw/rules.yaml"),
+        influx_username="writer",
+        influx_password="hunter2",
+        writer_flush_interval_s=0.2,
+    )
+    for name, value in original.environment().items():
+        monkeypatch.setenv(name, value)
+    assert load_settings() == original
