@@ -24,6 +24,7 @@ from gateway.cli_devices import devices_app
 from gateway.errors import IotgwError
 from gateway.kafka import TopicResult, ensure_topics
 from gateway.mqtt_auth import GATEWAY_USER, PasswordFile
+from gateway.observability import LOG_FORMAT, service_logging
 from gateway.rules_file import load_rules
 from gateway.rules_service import RulesService
 from gateway.settings import Settings, load_settings
@@ -32,7 +33,7 @@ from gateway.terminal import console, errors, print_error, say
 from gateway.topics import Topics
 from gateway.writer import Writer
 from simulators.audit import SendLog, audit_until_settled
-from simulators.bench import RUNS, bench, bench_table
+from simulators.bench import DEFAULT_RUNS, RUNS, bench, bench_table
 from simulators.fleet import parse_faults
 from simulators.runner import audit_table, run_simulation
 
@@ -221,7 +222,7 @@ def _serve(build: Callable[[Settings], Service]) -> None:
     """Load the settings, build the service, run it until SIGINT or SIGTERM, which start
     its graceful shutdown."""
     service = build(load_settings())
-    _service_logging()
+    service_logging()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -233,20 +234,27 @@ def _serve(build: Callable[[Settings], Service]) -> None:
     asyncio.run(main())
 
 
-def _service_logging() -> None:
-    """Services log one key=value line an event; the clients' warnings are kept."""
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    # gmqtt logs a traceback for every lost connection; the bridge logs the event itself.
-    logging.getLogger("gmqtt").setLevel(logging.ERROR)
-    # One line per HTTP request to InfluxDB would drown the service's own events.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 @run_app.command("bridge")
-def run_bridge() -> None:
-    """MQTT readings in, validated, into Kafka; each acknowledged only after Kafka did."""
-    _serve(lambda settings: Bridge(settings).run)
+def run_bridge(
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes behind the one MQTT session.",
+            show_default="IOTGW_BRIDGE_WORKERS, else 1",
+        ),
+    ] = None,
+) -> None:
+    """MQTT readings in, validated, into Kafka; each acknowledged only after Kafka did,
+    in the order they arrived."""
+
+    def build(settings: Settings) -> Service:
+        if workers is not None:
+            settings = settings.model_copy(update={"bridge_workers": workers})
+        return Bridge(settings).run
+
+    _serve(build)
 
 
 async def run_services(settings: Settings, stop: asyncio.Event) -> None:
@@ -398,7 +406,9 @@ def bench_command(
     live: Annotated[int, typer.Option(min=10, help="Readings published live per run.")] = 50_000,
     rates: Annotated[str, typer.Option(help="Fixed rates for the latency runs.")] = "1000,5000",
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per latency run.")] = 5.0,
-    runs: Annotated[str, typer.Option(help="Which runs, comma-separated.")] = ",".join(RUNS),
+    runs: Annotated[
+        str, typer.Option(help=f"Which runs, comma-separated, of {', '.join(RUNS)}.")
+    ] = ",".join(DEFAULT_RUNS),
     out: Annotated[Path, typer.Option(help="Where latest.json and latest.png go.")] = Path(
         "bench-results"
     ),
@@ -432,10 +442,7 @@ def bench_command(
 
 def main() -> None:
     """Entry point of the `iotgw` script."""
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     # A command reports a failed connection itself, in one line; the clients' own
     # retry logs would only repeat it.
     for client in ("aiokafka", "gmqtt"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,7 +15,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from gateway.errors import IotgwError
 from gateway.settings import Service, Settings
 
+# One line an event: the time, then key=value pairs.
+LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+def service_logging() -> None:
+    """Services log one key=value line an event; the clients' warnings are kept."""
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # gmqtt logs a traceback for every lost connection; the services log the event.
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
+    # One line per HTTP request to InfluxDB would drown the service's own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class BridgeMetrics:

@@ -115,8 +115,10 @@ class Settings(BaseSettings):
     mqtt_url: Annotated[SecretStr, AfterValidator(_check_mqtt_url)] = SecretStr(
         "mqtt://127.0.0.1:1883"
     )
-    # Bridges of one group split the readings between them ($share/<group>/...).
-    mqtt_share_group: str = Field(default="iotgw", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Unset: the bridge's plain, persistent subscription (DESIGN.md, "Scaling"). Set: a
+    # shared one ($share/<group>/...), only for brokers whose shared subscriptions are
+    # sticky per publisher (EMQX hash_clientid); Mosquitto's are not, and lose order.
+    mqtt_share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     mqtt_client_id: str = Field(
         default_factory=_default_client_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
     )
@@ -150,9 +152,11 @@ class Settings(BaseSettings):
     # 0 takes any free port (tests run several services in one process).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
-    # Bridge: how many MQTT messages may await Kafka at once. It is the MQTT 5 receive
-    # maximum, so the broker stops sending (and keeps the backlog) when it is reached.
+    # Bridge: how many MQTT messages may await Kafka at once. The bridge stops reading
+    # its socket at this many (and tells the broker, as its MQTT 5 receive maximum).
     max_in_flight: int = Field(default=1000, ge=1, le=65535)
+    # Bridge: worker processes behind its one MQTT session; each owns a share of the devices.
+    bridge_workers: int = Field(default=1, ge=1, le=64)
     rate_limit_per_s: float = Field(default=100.0, gt=0)
     rate_limit_burst: int = Field(default=2000, ge=1)
     rules_group: str = Field(default="iotgw-rules", pattern=r"^[A-Za-z0-9._-]{1,100}$")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The devices' telemetry on MQTT (DESIGN.md, "MQTT"), as the bridge subscribes to it.
+MQTT_TELEMETRY_FILTER = "devices/+/telemetry"
+
 
 @dataclass(frozen=True)
 class TopicSpec:

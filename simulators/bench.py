@@ -3,7 +3,8 @@
 `iotgw bench` (and `make bench`) on the local stack, loopback only. For the same
 pre-generated readings (the simulator's fleet, 100 devices, QoS 1) and each of
 `raw_pipe` (mosquitto_sub | Kafka's console producer), `naive_bridge` (paho-mqtt + kafka-python, one
-synchronous send per message), `iotgw_1` and `iotgw_2` (one and two bridge processes):
+synchronous send per message), `iotgw_1`, `iotgw_2` and `iotgw_3` (the bridge with one, two
+or three worker processes behind its one MQTT session; by default 1 and 2):
 the drain rate of a backlog preloaded into the subject's persistent session, the rate of
 readings published live, the latency from MQTT publish to the record being readable from
 Kafka at fixed rates, CPU seconds per 10,000 readings, peak RSS and readings lost. Then
@@ -43,10 +44,13 @@ from gateway.mqtt import publish_in_window
 from gateway.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.stack import LOCAL_TEMPLATES
-from gateway.topics import Topics
+from gateway.topics import MQTT_TELEMETRY_FILTER, Topics
 from simulators.fleet import FleetTraffic, build_fleet
+from simulators.processes import usage
 
-RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2")
+# iotgw_N: `iotgw run bridge --workers N`.
+RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2", "iotgw_3")
+DEFAULT_RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2")
 DEVICES = 100
 PUBLISHERS = 10
 # A subject that has not finished its drain by then is reported as behind.
@@ -161,20 +165,6 @@ class Watch:
         return True
 
 
-def process_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, peak RSS MB) of a live process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        rss = 0.0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) / 1024
-        return cpu, rss
-    except OSError:
-        return 0.0, 0.0
-
-
 def unlimited(settings: Settings, client_id: str, session_expiry_s: int) -> Settings:
     """A measured bridge's settings: no rate limit (the load is the point), any metrics port."""
     return settings.model_copy(
@@ -202,9 +192,8 @@ class Subject:
         return {**os.environ, **unlimited(self.settings, client_id, 900).environment()}
 
     @property
-    def client_ids(self) -> list[str]:
-        count = 2 if self.name == "iotgw_2" else 1
-        return [f"{self.settings.mqtt_client_id}-{i}" for i in range(count)]
+    def client_id(self) -> str:
+        return self.settings.mqtt_client_id
 
     async def start(self) -> None:
         log = (self.logs / f"{self.name}.log").open("ab")
@@ -213,8 +202,8 @@ class Subject:
             # stdbuf: mosquitto_sub's output into a pipe would otherwise sit in a 4 KiB buffer.
             sub = subprocess.Popen(
                 ["stdbuf", "-oL", "mosquitto_sub", "-h", s.mqtt.host, "-p", str(s.mqtt.port),
-                 "-V", "mqttv5", "-c", "-x", "900", "-i", self.client_ids[0], "-q", "1",
-                 "-t", f"$share/{s.mqtt_share_group}/devices/+/telemetry", "-F", "%t|%p"],
+                 "-V", "mqttv5", "-c", "-x", "900", "-i", self.client_id, "-q", "1",
+                 "-t", MQTT_TELEMETRY_FILTER, "-F", "%t|%p"],
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
             # Kafka's own console producer, the Java twin of kcat: Debian's kcat 1.7.1 holds
@@ -234,25 +223,24 @@ class Subject:
             self.processes = [sub, producer]
             await asyncio.sleep(3)  # neither says when it is ready: the JVM starts in ~2 s
         else:
-            module = (
-                ["simulators.baselines.naive_bridge"]
-                if self.name == "naive_bridge"
-                else ["gateway", "run", "bridge"]
-            )
+            if self.name == "naive_bridge":
+                command = ["simulators.baselines.naive_bridge"]
+            else:
+                workers = self.name.removeprefix("iotgw_")
+                command = ["gateway", "run", "bridge", "--workers", workers]
             marker = "naive_bridge_started" if self.name == "naive_bridge" else "bridge_started"
             path = self.logs / f"{self.name}.log"
             before = path.read_text().count(marker) if path.exists() else 0
             self.processes = [
                 subprocess.Popen(
-                    [sys.executable, "-m", *module],
+                    [sys.executable, "-m", *command],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=self.env(cid),
+                    env=self.env(self.client_id),
                 )
-                for cid in self.client_ids
             ]
             deadline = time.monotonic() + 60
-            while path.read_text().count(marker) < before + len(self.processes):
+            while path.read_text().count(marker) < before + 1:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
                     raise IotgwError(f"{self.name} did not start; see {path}")
                 await asyncio.sleep(0.1)
@@ -261,7 +249,7 @@ class Subject:
         log.close()
 
     def usage(self) -> tuple[float, float]:
-        stats = [process_usage(p.pid) for p in self.processes]
+        stats = [usage(p.pid) for p in self.processes]
         return sum(c for c, _ in stats), max((r for _, r in stats), default=0.0)
 
     def stop(self) -> None:
@@ -460,8 +448,8 @@ async def bench(
     for name in runs:
         suffix = uuid.uuid4().hex[:8]
         settings = base.model_copy(update={
-            "topic_prefix": f"bench{suffix}", "mqtt_share_group": f"bench-{suffix}",
-            "mqtt_client_id": f"bench-{name}-{suffix}", "influx_db": f"bench_{suffix}",
+            "topic_prefix": f"bench{suffix}", "mqtt_client_id": f"bench-{name}-{suffix}",
+            "influx_db": f"bench_{suffix}",
         })  # fmt: skip
         topics = Topics(settings.topic_prefix)
         await ensure_topics(settings)
@@ -483,7 +471,7 @@ async def bench(
             results["runs"].append(run)
         finally:
             subject.stop()
-            await forget_sessions(settings, subject.client_ids)
+            await forget_sessions(settings, [subject.client_id])
             async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
                 await admin.delete_topics(
                     [s.name for s in topics.specs()] + ([topic] if topic != topics.readings else [])

@@ -28,7 +28,7 @@ from gateway.influx import InfluxClient
 from gateway.kafka import create_producer, ensure_topics, kafka_admin
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.bench import process_usage
+from simulators.processes import usage
 
 METRICS: dict[str, dict[str, Any]] = {
     "thermostat": {
@@ -116,7 +116,7 @@ async def bench(count: int) -> dict[str, Any]:
                 raise RuntimeError(f"the writer exited; see {log}")
             await asyncio.sleep(0.25)
         seconds = time.perf_counter() - started
-        cpu = process_usage(writer.pid)[0]
+        cpu = usage(writer.pid)[0]
     finally:
         writer.terminate()
         await asyncio.wait_for(writer.wait(), 15)

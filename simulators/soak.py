@@ -35,10 +35,10 @@ from simulators.bench import (
     Publisher,
     forget_sessions,
     pregenerate,
-    process_usage,
     unlimited,
 )
 from simulators.fleet import build_fleet
+from simulators.processes import usage
 
 WINDOW_S = 10.0
 
@@ -119,9 +119,8 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
     tag = uuid.uuid4().hex[:8]
     settings = base.model_copy(
         update={
-            "topic_prefix": f"soak{tag}", "mqtt_share_group": f"soak-{tag}",
-            "mqtt_client_id": f"soak-bridge-{tag}", "writer_group": f"soak-writer-{tag}",
-            "influx_db": f"soak_{tag}",
+            "topic_prefix": f"soak{tag}", "mqtt_client_id": f"soak-bridge-{tag}",
+            "writer_group": f"soak-writer-{tag}", "influx_db": f"soak_{tag}",
         }
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +150,8 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
                         "t_s": round(elapsed + WINDOW_S),
                         "sent": sent,
                         "in_kafka": watch.seen,
-                        "bridge_rss_mb": process_usage(bridge.pid)[1],
-                        "writer_rss_mb": process_usage(writer.pid)[1],
+                        "bridge_rss_mb": usage(bridge.pid)[1],
+                        "writer_rss_mb": usage(writer.pid)[1],
                         "writer_lag": await writer_lag(settings),
                         "p50_ms": round(statistics.median(window), 1) if window else None,
                         "p99_ms": round(statistics.quantiles(window, n=100)[98], 1)

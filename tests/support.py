@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
+from pydantic import SecretStr
 
 from gateway.bridge import Bridge
 from gateway.clock import now_ms
@@ -23,7 +24,7 @@ from gateway.influx import InfluxClient
 from gateway.kafka import create_producer, ensure_topics
 from gateway.mqtt import connect, publish_in_window
 from gateway.registry import RegistryWriter
-from gateway.settings import Settings
+from gateway.settings import MqttEndpoint, Settings
 from gateway.writer import Writer
 from schemas import Device
 from tests.conftest import unique
@@ -43,11 +44,14 @@ def service_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, **settings.environment()}
 
 
-def start_service(service: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """`iotgw run SERVICE` as its own process with `settings`, its output appended to `log`."""
+def start_service(
+    service: str, settings: Settings, log: Path, *options: str
+) -> subprocess.Popen[bytes]:
+    """`iotgw run SERVICE [OPTIONS]` as its own process with `settings`, its output
+    appended to `log`."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", service],
+            [sys.executable, "-m", "gateway", "run", service, *options],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=service_env(settings),
@@ -55,11 +59,10 @@ def start_service(service: str, settings: Settings, log: Path) -> subprocess.Pop
 
 
 async def own_settings(base: Settings, **overrides: Any) -> Settings:
-    """Settings with this test's own topics, share group, client id, group and database."""
+    """Settings with this test's own topics, client id, group and database."""
     own = base.model_copy(
         update={
             "topic_prefix": unique("t").replace("-", ""),
-            "mqtt_share_group": unique("g"),
             "mqtt_client_id": unique("bridge"),
             "writer_group": unique("writer"),
             "influx_db": unique("db").replace("-", "_"),
@@ -87,13 +90,26 @@ class DevicePublisher:
     only then was the device told they were received.
     """
 
-    def __init__(self, host: str, port: int, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str | None = None,
+        *,
+        login: tuple[str, str] | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        """A device on `host:port`; with `ca_file` over TLS, with `login` (user, password)."""
         self.unacknowledged = PersistentStorage()
         self.client = Client(client_id or unique("device"), persistent_storage=self.unacknowledged)
-        self._host, self._port = host, port
+        user, password = login or (None, None)
+        self._endpoint = MqttEndpoint(
+            host, port, ca_file is not None, user, SecretStr(password) if password else None
+        )
+        self._ca_file = ca_file
 
     async def __aenter__(self) -> DevicePublisher:
-        await self.client.connect(self._host, self._port)
+        await connect(self.client, self._endpoint, ca_file=self._ca_file, timeout_s=10)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -18,6 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.settings import load_settings
+from gateway.topics import MQTT_TELEMETRY_FILTER
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     properties.SessionExpiryInterval = settings.mqtt_session_expiry_s
     endpoint = settings.mqtt
     client.connect(endpoint.host, endpoint.port, clean_start=False, properties=properties)
-    client.subscribe(f"$share/{settings.mqtt_share_group}/devices/+/telemetry", qos=1)
+    client.subscribe(MQTT_TELEMETRY_FILTER, qos=1)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     client.loop_start()

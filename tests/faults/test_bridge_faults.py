@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -17,6 +20,7 @@ from gateway import stack
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
+from simulators.processes import process_tree, rss_mb
 from tests.conftest import stack_settings, unique
 from tests.integration.test_stack import free_ports
 from tests.support import (
@@ -34,9 +38,11 @@ pytestmark = pytest.mark.faults
 
 
 @contextmanager
-def bridge_process(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`iotgw run bridge` as its own process; killed at the end if still running."""
-    process = start_service("bridge", settings, log)
+def bridge_process(
+    settings: Settings, log: Path, *options: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`iotgw run bridge [OPTIONS]` as its own process; killed at the end if still running."""
+    process = start_service("bridge", settings, log, *options)
     try:
         yield process
     finally:
@@ -51,11 +57,15 @@ async def until_started(log: Path, starts: int = 1) -> None:
     )
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def pid_of(plan: stack.StackPlan, name: str) -> int:
+    pids = {server.name: server.pid for server in stack.status(plan.root)}
+    pid = pids[name]
+    assert pid is not None, f"{name} is not running"
+    return pid
+
+
+def kill_9(plan: stack.StackPlan, name: str) -> None:
+    os.kill(pid_of(plan, name), signal.SIGKILL)
 
 
 def thermostats(count: int) -> list[Device]:
@@ -65,21 +75,35 @@ def thermostats(count: int) -> list[Device]:
     ]
 
 
-async def stream(settings: Settings, devices: list[Device], per_device: int, rate: float) -> None:
-    """Each device publishes `per_device` readings (seq 0..) at about `rate` per second."""
+async def stream(
+    settings: Settings, devices: list[Device], per_device: int, rate: float, first_seq: int = 0
+) -> None:
+    """Each device publishes `per_device` readings (seq `first_seq`..) at about `rate` per
+    second."""
 
     async def one(device: Device) -> None:
         async with DevicePublisher(settings.mqtt.host, settings.mqtt.port) as publisher:
             started = time.monotonic()
-            for seq in range(per_device):
+            for n in range(per_device):
                 await publisher.publish(
-                    f"devices/{device.device_id}/telemetry", reading_payload(seq=seq)
+                    f"devices/{device.device_id}/telemetry", reading_payload(seq=first_seq + n)
                 )
-                ahead = seq / rate - (time.monotonic() - started)
+                ahead = n / rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
 
     await asyncio.gather(*(one(device) for device in devices))
+
+
+async def all_in_kafka(
+    readings: TopicReader, expected: set[tuple[str, int]], timeout_s: float
+) -> None:
+    """Wait until every (device, seq) expected has been read from the topic."""
+
+    def arrived() -> bool:
+        return {(v["device_id"], v["seq"]) for v in readings.values()} >= expected
+
+    await until(arrived, timeout_s, f"{len(expected)} readings in Kafka")
 
 
 def report(readings: TopicReader, expected: set[tuple[str, int]], label: str) -> None:
@@ -110,11 +134,7 @@ async def test_kill_9_mid_stream_loses_nothing(settings: Settings, tmp_path: Pat
             with bridge_process(s, log):
                 await until_started(log, starts=2)
                 await publishing
-                await until(
-                    lambda: {(v["device_id"], v["seq"]) for v in readings.values()} >= expected,
-                    90,
-                    "all readings in Kafka",
-                )
+                await all_in_kafka(readings, expected, 90)
         report(readings, expected, "kill -9")
     finally:
         await forget_session(s)
@@ -144,11 +164,7 @@ async def test_sigterm_under_load_exits_within_10_s(settings: Settings, tmp_path
             with bridge_process(s, log):
                 await until_started(log, starts=2)
                 await publishing
-                await until(
-                    lambda: {(v["device_id"], v["seq"]) for v in readings.values()} >= expected,
-                    60,
-                    "all readings in Kafka",
-                )
+                await all_in_kafka(readings, expected, 60)
         report(readings, expected, "SIGTERM")
     finally:
         await forget_session(s)
@@ -194,3 +210,109 @@ async def test_kafka_outage_of_30_s_loses_nothing_and_memory_stays_bounded(
         stack.down(plan.root, purge=True)
     print(f"bridge peak RSS during the outage and drain: {peak:.0f} MB")
     assert peak < 250
+
+
+async def test_two_workers_keep_each_devices_order_through_a_backlog_drain(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`iotgw run bridge --workers 2` is stopped; 7 devices (an odd number, so that no
+    device maps to a worker by chance) publish 1,000 readings each; the bridge starts
+    again while each device sends 1,000 more: in its partition, every device's 2,000
+    readings are there, in the order it sent them."""
+    s = await own_settings(settings)
+    devices = thermostats(7)
+    await register(s, *devices)
+    log = tmp_path / "bridge.log"
+    try:
+        with bridge_process(s, log, "--workers", "2") as first:
+            await until_started(log)
+            first.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(first.wait, 15) == 0
+        await stream(s, devices, 1000, rate=100_000)
+        async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
+            with bridge_process(s, log, "--workers", "2"):
+                started = time.monotonic()
+                await stream(s, devices, 1000, rate=200, first_seq=1000)
+                await readings.wait_for(14_000, 120)
+                took = time.monotonic() - started
+    finally:
+        await forget_session(s)
+    assert "workers=2" in log.read_text()
+    in_partition = sorted(readings.records, key=lambda r: (r.partition, r.offset))
+    for device in devices:
+        key = device.device_id.encode()
+        seqs = [json.loads(r.value)["seq"] for r in in_partition if r.key == key]
+        assert seqs == list(range(2000)), device.device_id
+    print(f"backlog drain, 2 workers: 7,000 queued + 7,000 live in order, {took:.1f} s")
+
+
+async def test_readings_sent_after_a_broker_crash_reach_a_bridge_that_was_away(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Mosquitto (persistence on) is killed -9 and started again while the bridge is frozen
+    (SIGSTOP), so it cannot reconnect; 500 readings published right after the restart are
+    all delivered once it resumes: the broker restored the bridge's plain persistent
+    subscription from its snapshot and queued them."""
+    plan = stack.StackPlan(tmp_path / "mqtt", mqtt_port=free_ports(1), kinds=("mosquitto",))
+    mqtt = stack_settings(plan, kafka_bootstrap=settings.kafka_bootstrap)
+    snapshot = plan.root / "mosquitto" / "data" / "mosquitto.db"
+    await stack.up(plan, mqtt)
+    try:
+        s = await own_settings(mqtt)
+        devices = thermostats(5)
+        await register(s, *devices)
+        expected = {(d.device_id, seq) for d in devices for seq in range(200)}
+        log = tmp_path / "bridge.log"
+        async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
+            with bridge_process(s, log) as bridge:
+                await until_started(log)
+                subscribed_at = time.time()
+                await stream(s, devices, 100, rate=100)
+                await readings.wait_for(500)
+                await until(
+                    lambda: snapshot.exists() and snapshot.stat().st_mtime > subscribed_at,
+                    10,
+                    "a snapshot taken after the bridge subscribed",
+                )
+                bridge.send_signal(signal.SIGSTOP)
+                try:
+                    kill_9(plan, "mosquitto")
+                    await stack.up(plan, mqtt)
+                    await stream(s, devices, 100, rate=100_000, first_seq=100)
+                finally:
+                    bridge.send_signal(signal.SIGCONT)
+                await all_in_kafka(readings, expected, 60)
+        await forget_session(s)
+    finally:
+        stack.down(plan.root, purge=True)
+    report(readings, expected, "broker kill -9 with the bridge away")
+
+
+async def test_a_killed_worker_stops_the_bridge_and_a_restart_loses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """kill -9 one of two workers mid-stream: the bridge stops at once with one line naming
+    it and exit code 1 (its supervisor restarts it); started again, nothing is lost."""
+    s = await own_settings(settings)
+    devices = thermostats(6)
+    await register(s, *devices)
+    expected = {(d.device_id, seq) for d in devices for seq in range(1000)}
+    log = tmp_path / "bridge.log"
+    try:
+        async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
+            with bridge_process(s, log, "--workers", "2") as first:
+                await until_started(log)
+                publishing = asyncio.create_task(stream(s, devices, 1000, rate=300))
+                await readings.wait_for(1000, 60)
+                worker = process_tree(first.pid)[-1]
+                os.kill(worker, signal.SIGKILL)
+                code = await asyncio.to_thread(first.wait, 15)
+            assert code == 1
+            assert re.search(r"bridge worker \d exited: killed by signal 9", log.read_text())
+            with bridge_process(s, log, "--workers", "2"):
+                await until_started(log, starts=2)
+                await publishing
+                await all_in_kafka(readings, expected, 60)
+        report(readings, expected, "worker kill -9")
+    finally:
+        await forget_session(s)

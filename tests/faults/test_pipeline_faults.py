@@ -5,9 +5,7 @@ mid-stream, and ends with the loss audit: nothing lost, nothing twice in InfluxD
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -24,10 +22,11 @@ from gateway.kafka import kafka_admin
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.audit import AuditReport, SendLog, audit_until_settled
+from simulators.processes import rss_mb
 from simulators.runner import run_simulation
 from tests.conftest import stack_settings
 from tests.faults.tcp_proxy import TcpProxy
-from tests.faults.test_bridge_faults import bridge_process, rss_mb, until_started
+from tests.faults.test_bridge_faults import bridge_process, kill_9, until_started
 from tests.integration.test_stack import free_ports
 from tests.support import forget_session, own_settings, running_bridge, running_writer, until
 
@@ -58,17 +57,6 @@ class Simulation:
         assert report.missing_in_influx == 0
         assert report.duplicates_in_influx == 0
         return report
-
-
-def pid_of(plan: stack.StackPlan, name: str) -> int:
-    pids = {server.name: server.pid for server in stack.status(plan.root)}
-    pid = pids[name]
-    assert pid is not None, f"{name} is not running"
-    return pid
-
-
-def kill_9(plan: stack.StackPlan, name: str) -> None:
-    os.kill(pid_of(plan, name), signal.SIGKILL)
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""The bridge against real Mosquitto and Kafka: order, dead letters, shared load, health."""
+"""The bridge against real Mosquitto and Kafka: order, acknowledgements, dead letters, health."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import pytest
+from pydantic import SecretStr
 
+from gateway.bridge import Bridge
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
 from tests.conftest import unique
+from tests.raw_mqtt import ScriptedBroker, publish
 from tests.support import (
     DevicePublisher,
     TopicReader,
@@ -22,7 +25,9 @@ from tests.support import (
     own_settings,
     reading_payload,
     register,
+    running,
     running_bridge,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -133,34 +138,79 @@ async def test_every_rejection_reason_gives_one_dead_letter(settings: Settings) 
     )
 
 
-async def test_two_bridges_share_the_stream_and_lose_nothing(settings: Settings) -> None:
-    """Two bridges on one shared subscription each take part of the readings; none is lost."""
-    first = await own_settings(settings)
-    second = first.model_copy(update={"mqtt_client_id": unique("bridge")})
-    ids = [unique("shared") for _ in range(10)]
-    await register(first, *(thermostat(i) for i in ids))
+async def test_pubacks_leave_in_arrival_order_while_kafka_finishes_in_another(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker on a raw socket sends 3,000 readings of 30 devices at once, ignoring the
+    receive maximum of 500, to a bridge with two workers: the workers and Kafka's six
+    partitions finish them in another order, yet the PUBACK packet ids leave exactly in
+    the order the PUBLISH packets arrived, at most 500 are ever in flight, and every
+    device's readings are in its partition in order."""
+    ids = [unique("acked") for _ in range(30)]
+    async with ScriptedBroker() as broker:
+        s = await own_settings(
+            settings, mqtt_url=SecretStr(f"mqtt://127.0.0.1:{broker.port}"),
+            bridge_workers=2, max_in_flight=500,
+        )  # fmt: skip
+        await register(s, *(thermostat(i) for i in ids))
+        bridge = Bridge(s)
+        finished: list[int] = []
+        peak = 0
+        complete = bridge.session.complete
+
+        def observed(indices: list[int]) -> None:
+            nonlocal peak
+            peak = max(peak, bridge.session.in_flight)
+            finished.extend(indices)
+            complete(indices)
+
+        monkeypatch.setattr(bridge.session, "complete", observed)
+        sent = [(device_id, seq) for seq in range(100) for device_id in ids]
+        async with (
+            running(bridge),
+            TopicReader(s, Topics(s.topic_prefix).readings) as readings,
+        ):
+            connection = await broker.connection(0)
+            connection.send(
+                b"".join(
+                    publish(f"devices/{device_id}/telemetry", reading_payload(seq=seq), number)
+                    for number, (device_id, seq) in enumerate(sent, start=1)
+                )
+            )
+            await until(lambda: len(connection.acks) == len(sent), 60, "every PUBACK")
+            await readings.wait_for(len(sent))
+    assert connection.acks == list(range(1, len(sent) + 1))
+    assert finished != sorted(finished), "Kafka finished them in arrival order"
+    assert sorted(finished) == list(range(len(sent)))
+    assert peak <= 500
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for record in sorted(readings.records, key=lambda r: (r.partition, r.offset)):
+        value = json.loads(record.value)
+        seqs[value["device_id"]].append(value["seq"])
+    assert all(seqs[device_id] == list(range(100)) for device_id in ids)
+
+
+async def test_a_share_group_makes_a_shared_subscription_with_a_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IOTGW_MQTT_SHARE_GROUP set: the bridge subscribes to $share/<group>/..., warns that
+    order holds only on brokers with sticky shared subscriptions, and readings flow."""
+    s = await own_settings(settings, mqtt_share_group=unique("g"))
+    device_id = unique("shared")
+    await register(s, thermostat(device_id))
     try:
         async with (
-            running_bridge(first) as a,
-            running_bridge(second) as b,
-            TopicReader(first, Topics(first.topic_prefix).readings) as readings,
+            running_bridge(s) as bridge,
+            TopicReader(s, Topics(s.topic_prefix).readings) as readings,
         ):
-            async with DevicePublisher(first.mqtt.host, first.mqtt.port) as device:
-                for seq in range(300):
-                    for device_id in ids:
-                        await device.publish(
-                            f"devices/{device_id}/telemetry", reading_payload(seq=seq)
-                        )
-            await readings.wait_for(3000)
-            shares = [a.metrics.published._value.get(), b.metrics.published._value.get()]
+            assert bridge.subscription == f"$share/{s.mqtt_share_group}/devices/+/telemetry"
+            async with DevicePublisher(s.mqtt.host, s.mqtt.port) as device:
+                await device.publish(f"devices/{device_id}/telemetry", reading_payload(seq=1))
+            await readings.wait_for(1)
     finally:
-        await forget_session(first)
-        await forget_session(second)
-    assert {(v["device_id"], v["seq"]) for v in readings.values()} == {
-        (i, seq) for i in ids for seq in range(300)
-    }
-    assert all(share > 0 for share in shares), shares
-    assert sum(shares) >= 3000
+        await forget_session(s)
+    assert "event=shared_subscription" in caplog.text
+    assert "sticky per publisher" in caplog.text
 
 
 async def test_health_and_metrics_endpoints(bridge_settings: Settings) -> None:

@@ -1,0 +1,181 @@
+"""A bridge worker process: decodes, validates and produces the readings of its devices.
+
+The bridge's session process starts `python -m gateway.bridge_worker FD NUMBER` with the
+settings in its environment and one end of a socket pair as FD. Over it, frames go both
+ways (a 4-byte length, then a `marshal`led tuple of plain values):
+
+- to the worker: `("messages", received_at_ms, [(index, topic, payload), ...])`, every
+  message of the devices this worker owns, in arrival order;
+- to the session: `("ready",)` once the registry is loaded and Kafka answers, or
+  `("error", reason)` and exit 1; then `("done", [index, ...], stats)` as Kafka
+  acknowledges messages, `stats` being what happened since the last frame.
+
+End of input (the session closed its end, or died) stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import marshal
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from gateway.errors import IotgwError
+from gateway.kafka import create_producer, started
+from gateway.observability import service_logging
+from gateway.publisher import BATCH_BYTES, KafkaPublisher
+from gateway.ratelimit import RateLimiter
+from gateway.registry import DeviceRegistry
+from gateway.settings import Settings, load_settings
+from gateway.topics import Topics
+from gateway.validation import ReadingValidator
+
+__all__ = ["IngestWorker", "read_frame", "write_frame"]
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("!I")
+# Seconds a stopping worker waits for Kafka to acknowledge what it still holds.
+_STOP_TIMEOUT_S = 2.0
+
+
+def write_frame(writer: asyncio.StreamWriter, frame: tuple[Any, ...]) -> None:
+    data = marshal.dumps(frame)
+    writer.write(_LENGTH.pack(len(data)) + data)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
+    """The next frame, or None at the end of input."""
+    try:
+        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        frame = marshal.loads(await reader.readexactly(length))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    assert isinstance(frame, tuple)
+    return frame
+
+
+class IngestWorker:
+    """The devices' half of the bridge: registry view, validation, rate limit, Kafka."""
+
+    def __init__(self, settings: Settings, writer: asyncio.StreamWriter) -> None:
+        self.settings = settings
+        self._writer = writer
+        self.registry = DeviceRegistry(settings)
+        self.validator = ReadingValidator(
+            self.registry.get,
+            require_registration=settings.require_registration,
+            max_age_ms=int(settings.max_reading_age_s * 1000),
+            limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._publisher: KafkaPublisher | None = None
+        self._publishing: asyncio.Task[None] | None = None
+        self._done: list[int] = []
+        self._readings = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        """Load the registry and start the producer; IotgwError if Kafka does not answer."""
+        await self.registry.start()
+        self._producer = await started(
+            create_producer(self.settings, max_batch_size=BATCH_BYTES), self.settings
+        )
+        try:
+            self._publisher = await KafkaPublisher.create(
+                self._producer, Topics(self.settings.topic_prefix), self._finished
+            )
+        except KafkaError as exc:
+            raise IotgwError(f"cannot read the topics' partitions: {exc}") from None
+        self._publishing = asyncio.create_task(self._publisher.run(), name="kafka-publisher")
+        # Everything loaded so far (registry, schemas, libraries) lives as long as the
+        # process: keep it out of the collector's full scans, which at high rates
+        # otherwise cost more than the readings themselves.
+        gc.freeze()
+
+    def handle(self, received_at: int, messages: list[tuple[int, str, bytes]]) -> None:
+        """Judge each message's readings and queue them for Kafka, in arrival order."""
+        publisher = self._publisher
+        assert publisher is not None
+        process = self.validator.process
+        for index, topic, payload in messages:
+            outcomes = process(topic, payload, received_at)
+            self._readings += len(outcomes)
+            publisher.submit(outcomes, index)
+        if publisher.pending:
+            self._idle.clear()
+
+    def _finished(self, index: int) -> None:
+        if not self._done:
+            asyncio.get_running_loop().call_soon(self._report)
+        self._done.append(index)
+
+    def _report(self) -> None:
+        """One frame for every message finished in this turn of the loop."""
+        assert self._publisher is not None
+        stats = self._publisher.take_stats()
+        done, self._done = self._done, []
+        readings, self._readings = self._readings, 0
+        counts = (readings, stats.published, dict(stats.rejected), stats.retries, stats.newest_ts)
+        with contextlib.suppress(ConnectionError):
+            write_frame(self._writer, ("done", done, counts))
+        if not self._publisher.pending:
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Give Kafka a moment for what is pending, then close."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), _STOP_TIMEOUT_S)
+        if self._publishing is not None:
+            self._publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publishing
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await asyncio.wait_for(self._producer.stop(), _STOP_TIMEOUT_S)
+        await self.registry.stop()
+
+
+async def serve(fd: int) -> int:
+    """Work for the session at the other end of socket `fd` until it closes; the exit code."""
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    try:
+        settings = load_settings()
+        worker = IngestWorker(settings, writer)
+        await worker.start()
+    except IotgwError as exc:
+        write_frame(writer, ("error", str(exc)))
+        await writer.drain()
+        return 1
+    write_frame(writer, ("ready",))
+    try:
+        while (frame := await read_frame(reader)) is not None:
+            worker.handle(frame[1], frame[2])
+    finally:
+        await worker.stop()
+        writer.close()
+    return 0
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    service_logging()
+    # The session process decides when to stop (it closes the socket); a Ctrl-C sent to
+    # the whole process group must not kill a worker with messages still in hand.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(asyncio.run(serve(fd)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,659 @@
+"""The bridge's MQTT 5 session: one persistent subscription, acknowledged in arrival order,
+with the gateway's own flow control.
+
+Why not gmqtt here (the devices' simulator and the rules engine keep it): gmqtt sends a
+PUBACK when a message's handler returns, so acknowledgements leave in the order Kafka
+finishes, not the order messages arrived (MQTT-4.6.0-2), and it reads and dispatches all
+the socket holds, so nothing but the broker bounds what is in flight. Mosquitto 2.0.11
+bounds nothing (its in-flight quota is recomputed wrongly on each PUBACK, upstream #2306),
+and with out-of-order PUBACKs it lets a device's new reading overtake its queued ones.
+This module speaks the small part of MQTT 5 a subscriber needs (CONNECT, SUBSCRIBE,
+PUBLISH in at QoS 0/1, PUBACK, PINGREQ, DISCONNECT) and owns those two rules:
+
+- every received PUBLISH gets an index; `complete(indices)` marks them finished, and the
+  PUBACKs of the finished run at the front leave together, in arrival order;
+- at `max_in_flight` unacknowledged messages it stops parsing and reading the socket
+  (TCP back-pressure) and resumes below it, so memory is bounded whatever the broker sends.
+
+A connection's unacknowledged messages are never acknowledged on a later connection
+(packet ids are reused); the broker sends them again. They still count as in flight until
+completed, so reconnects cannot multiply what the gateway holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import IotgwError
+from gateway.mqtt import tls_context
+from gateway.settings import MqttEndpoint
+
+__all__ = ["Message", "MqttSession", "SessionOptions", "encode_connect", "encode_subscribe"]
+
+log = logging.getLogger(__name__)
+
+# Packet types (MQTT 5, section 2.1.2).
+_CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
+_SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 8, 9, 12, 13, 14
+# Properties this client sends or reads (section 2.2.2.2).
+_SESSION_EXPIRY, _RECEIVE_MAXIMUM, _SERVER_KEEP_ALIVE, _REASON_STRING = 0x11, 0x21, 0x13, 0x1F
+# Subscription options: QoS 1, and retained messages not sent at subscribe time
+# (Retain Handling 2): a re-subscribe must not deliver old readings again.
+_SUBSCRIPTION_OPTIONS = 0x01 | 0x20
+_SUBSCRIBE_PACKET_ID = 1
+_PUBACK_PACKET = struct.Struct("!BBH")
+_PINGREQ_PACKET = b"\xc0\x00"
+_DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection: the session is kept
+# Reconnect at once, then back off to this; a bridge away is a backlog growing.
+_RECONNECT_FIRST_S = 0.2
+_RECONNECT_MAX_S = 5.0
+
+# The byte width of each property's value, by identifier; -1 a UTF-8 string or binary
+# data (two-byte length), -2 a string pair, 0 a variable byte integer (section 2.2.2.2).
+_PROPERTY_WIDTH = {
+    0x01: 1, 0x02: 4, 0x03: -1, 0x08: -1, 0x09: -1, 0x0B: 0, 0x11: 4, 0x12: -1,
+    0x13: 2, 0x15: -1, 0x16: -1, 0x17: 1, 0x19: 1, 0x1A: -1, 0x1C: -1, 0x1F: -1,
+    0x21: 2, 0x22: 2, 0x23: 2, 0x24: 1, 0x25: 1, 0x26: -2, 0x27: 4, 0x28: 1,
+    0x29: 1, 0x2A: 1,
+}  # fmt: skip
+
+# CONNACK and SUBACK reason codes a user may meet (section 3.2.2.2, 3.9.3).
+_REASONS = {
+    0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error",
+    0x83: "implementation specific error", 0x84: "unsupported protocol version",
+    0x85: "client identifier not valid", 0x86: "bad user name or password",
+    0x87: "not authorized", 0x88: "server unavailable", 0x89: "server busy", 0x8A: "banned",
+    0x8C: "bad authentication method", 0x8F: "topic filter invalid",
+    0x91: "packet identifier in use", 0x97: "quota exceeded",
+    0x9E: "shared subscriptions not supported",
+    0x9F: "connection rate exceeded", 0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
+}  # fmt: skip
+# Refusals that retrying with the same settings cannot fix.
+_PERMANENT = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x8F, 0x9E, 0xA2}
+
+
+class ProtocolError(Exception):
+    """The broker sent something MQTT 5 does not allow; the connection is dropped."""
+
+
+class RefusedError(IotgwError):
+    """The broker refused the connection or the subscription."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received PUBLISH: its index in arrival order, topic and payload."""
+
+    index: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How the session connects and what it subscribes to."""
+
+    endpoint: MqttEndpoint
+    client_id: str
+    subscription: str
+    session_expiry_s: int
+    max_in_flight: int
+    ca_file: Path | None = None
+    keepalive_s: int = 30
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_in_flight <= 65535:
+            raise ValueError("max_in_flight must be from 1 to 65535 (the MQTT receive maximum)")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _string(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return struct.pack("!H", len(data)) + data
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _varint(len(body)) + body
+
+
+def encode_connect(options: SessionOptions) -> bytes:
+    """CONNECT: clean start off (resume the persistent session), its expiry, our receive
+    maximum, and the login when the URL has one."""
+    endpoint = options.endpoint
+    flags = 0
+    payload = _string(options.client_id)
+    if endpoint.username is not None:
+        flags |= 0x80
+        payload += _string(endpoint.username)
+    if endpoint.password is not None:
+        flags |= 0x40
+        payload += _string(endpoint.password.get_secret_value())
+    properties = struct.pack(
+        "!BIBH", _SESSION_EXPIRY, options.session_expiry_s, _RECEIVE_MAXIMUM, options.max_in_flight
+    )
+    header = _string("MQTT") + bytes([5, flags]) + struct.pack("!H", options.keepalive_s)
+    return _packet(_CONNECT << 4, header + _varint(len(properties)) + properties + payload)
+
+
+def encode_subscribe(subscription: str) -> bytes:
+    body = struct.pack("!H", _SUBSCRIBE_PACKET_ID) + b"\x00"  # no properties
+    body += _string(subscription) + bytes([_SUBSCRIPTION_OPTIONS])
+    return _packet((_SUBSCRIBE << 4) | 0x02, body)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data):
+            raise ProtocolError("truncated variable byte integer")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise ProtocolError("variable byte integer longer than 4 bytes")
+
+
+def _properties(data: bytes, pos: int) -> tuple[dict[int, int | bytes], int]:
+    """The properties at `pos` (integers and strings; pairs skipped) and where they end."""
+    length, pos = _read_varint(data, pos)
+    end = pos + length
+    if end > len(data):
+        raise ProtocolError("properties longer than the packet")
+    found: dict[int, int | bytes] = {}
+    while pos < end:
+        identifier = data[pos]
+        width = _PROPERTY_WIDTH.get(identifier)
+        if width is None:
+            raise ProtocolError(f"unknown property 0x{identifier:02x}")
+        pos += 1
+        if width > 0:
+            found[identifier] = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        elif width == 0:
+            found[identifier], pos = _read_varint(data, pos)
+        else:
+            for part in range(-width):
+                size = int.from_bytes(data[pos : pos + 2], "big")
+                if part == 0 and width == -1:
+                    found[identifier] = bytes(data[pos + 2 : pos + 2 + size])
+                pos += 2 + size
+    if pos != end:
+        raise ProtocolError("properties overrun their length")
+    return found, end
+
+
+def _reason(code: int, properties: dict[int, int | bytes]) -> str:
+    text = _REASONS.get(code, f"reason code 0x{code:02x}")
+    said = properties.get(_REASON_STRING)
+    if isinstance(said, bytes) and said:
+        text += f" ({said.decode(errors='replace')[:200]})"
+    return text
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, session: MqttSession) -> None:
+        self._session = session
+
+    def data_received(self, data: bytes) -> None:
+        self._session._data_received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session._connection_lost(self, exc)
+
+
+class MqttSession:
+    """One persistent MQTT 5 session that hands received messages to `on_messages`.
+
+    `on_messages(messages)` is called synchronously with each parsed run of messages, in
+    arrival order; `complete(indices)` is how its owner says they are done (in any order).
+    `connect()` makes the first connection and subscription (IotgwError if the broker
+    refuses or is away); `run()` then reconnects whenever it is lost, until `close()`.
+    """
+
+    def __init__(
+        self,
+        options: SessionOptions,
+        on_messages: Callable[[list[Message]], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self._on_messages = on_messages
+        self._clock = clock
+        self._shared = options.subscription.startswith("$share/")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None
+        self._handshake: asyncio.Future[tuple[bool, int]] | None = None
+        self._buffer = b""
+        # Parsing stopped at the in-flight limit (or for shutdown); the socket not read.
+        self._paused = False
+        self._reading_paused = False
+        self._keepalive_s = options.keepalive_s
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._last_in = self._last_out = 0.0
+        self._lost = asyncio.Event()
+        self._closing = False
+        # This connection's messages in arrival order, in a ring of max_in_flight slots:
+        # indices [head, next) are unacknowledged, index i lives in slot i % capacity.
+        self._capacity = capacity = options.max_in_flight
+        self._packet_ids = [0] * capacity
+        self._finished = bytearray(capacity)
+        self._received = [0.0] * capacity
+        self._base = self._head = self._next = 0
+        # Messages of earlier connections not completed yet: the gateway still holds them.
+        self._orphans = 0
+        self.connected = False
+        self.subscribed = False
+        self.connections = 0
+        # Called with each acknowledged message's seconds from arrival to acknowledgement,
+        # and with the number of messages a lost connection left unacknowledged.
+        self.on_acknowledged: Callable[[float], None] | None = None
+        self.on_unacknowledged: Callable[[int], None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    # -- what the owner uses ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Messages received and not acknowledged, of this connection and earlier ones."""
+        return self._next - self._head + self._orphans
+
+    def complete(self, indices: list[int]) -> None:
+        """Messages `indices` are safe in Kafka: acknowledge the finished run at the front."""
+        head, capacity, finished = self._head, self._capacity, self._finished
+        for index in indices:
+            if index >= head:
+                finished[index % capacity] = 1
+            elif index < self._base:
+                self._orphans -= 1
+        if head < self._next and finished[head % capacity]:
+            ids, received, observe = self._packet_ids, self._received, self.on_acknowledged
+            now = self._clock()
+            acks = []
+            while head < self._next and finished[head % capacity]:
+                slot = head % capacity
+                finished[slot] = 0
+                if ids[slot]:
+                    acks.append(_PUBACK_PACKET.pack(_PUBACK << 4, 2, ids[slot]))
+                if observe is not None:
+                    observe(now - received[slot])
+                head += 1
+            self._head = head
+            if acks:
+                self._write(b"".join(acks))
+        if self._paused and not self._closing:
+            self._maybe_resume()
+        if self._drained is not None and not self.in_flight and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drained(self) -> None:
+        """Return once no message is in flight (the owner completed them all)."""
+        while self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    async def connect(self) -> None:
+        """The first connection and subscription; IotgwError with the reason if refused."""
+        self._loop = asyncio.get_running_loop()
+        await self._connect_once(first=True)
+
+    async def run(self) -> None:
+        """Reconnect whenever the connection is lost, until `close()`. A refusal retrying
+        cannot fix (a revoked login, a forbidden subscription) ends it with RefusedError."""
+        delay = _RECONNECT_FIRST_S
+        while True:
+            await self._lost.wait()
+            if self._closing:
+                return
+            try:
+                await self._connect_once(first=False)
+                delay = _RECONNECT_FIRST_S
+            except IotgwError as exc:
+                if isinstance(exc, RefusedError) and exc.permanent:
+                    raise
+                log.warning("event=mqtt_reconnect_failed error=%r retry_in_s=%s", str(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_S)
+
+    def stop_reading(self) -> None:
+        """Take no more messages (shutdown): the broker keeps them for the next session."""
+        self._closing = True
+        self._paused = True
+        self._set_reading(False)
+
+    def close(self) -> None:
+        """DISCONNECT (the broker keeps the session) and close; PUBACKs due went out before."""
+        self.stop_reading()
+        transport = self._transport
+        self._detach(None)
+        if transport is not None and not transport.is_closing():
+            transport.write(_DISCONNECT_PACKET)
+            transport.close()
+        self._lost.set()
+
+    # -- connecting ------------------------------------------------------------------------
+
+    async def _connect_once(self, *, first: bool) -> None:
+        options = self.options
+        endpoint = options.endpoint
+        where = f"{'mqtts' if endpoint.tls else 'mqtt'}://{endpoint.host}:{endpoint.port}"
+        context = tls_context(endpoint, options.ca_file)
+        loop = self._loop
+        assert loop is not None
+        self._lost.clear()
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Protocol(self),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=context or None,
+                    server_hostname=endpoint.host if context else None,
+                ),
+                options.timeout_s,
+            )
+        except ssl.SSLError as exc:
+            self._lost.set()
+            raise IotgwError(
+                f"TLS with the MQTT broker at {where} failed: {exc.reason or exc}"
+            ) from None
+        except (OSError, TimeoutError) as exc:
+            self._lost.set()
+            raise IotgwError(f"MQTT broker unreachable at {where}: {exc or 'timed out'}") from None
+        assert isinstance(transport, asyncio.Transport)
+        self._transport, self._protocol = transport, protocol
+        self._buffer = b""
+        self._paused = self._reading_paused = False
+        self._last_in = self._last_out = self._clock()
+        try:
+            self._handshake = loop.create_future()
+            self._write(encode_connect(options))
+            session_present, keepalive = await self._answer("CONNACK", where)
+            self._keepalive_s = keepalive
+            self.connected = True
+            self.connections += 1
+            self._start_keepalive()
+            log.info(
+                "event=mqtt_connected session_present=%s connection=%d",
+                session_present,
+                self.connections,
+            )
+            # The first connection always subscribes and waits for the broker's yes, so a
+            # refused subscription stops the bridge with its reason. Later ones subscribe
+            # when the broker has no session for us, and for a shared subscription, which
+            # Mosquitto 2.0.x never persists (a crash forgets it while keeping the session).
+            # A plain one lives in the session: queued readings may already precede a
+            # SUBACK, and waiting for it behind them could stall at the in-flight limit.
+            if first or not session_present or self._shared:
+                self._handshake = loop.create_future()
+                self._write(encode_subscribe(options.subscription))
+                if first:
+                    await self._answer("SUBACK", where)
+            self.subscribed = True
+        except BaseException:
+            self._detach(None)
+            transport.close()
+            self._lost.set()
+            raise
+        # Messages that came with the CONNACK or SUBACK wait in the buffer until now.
+        self._parse()
+
+    async def _answer(self, what: str, where: str) -> tuple[bool, int]:
+        assert self._handshake is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._handshake), self.options.timeout_s)
+        except TimeoutError:
+            raise IotgwError(f"the MQTT broker at {where} sent no {what}") from None
+        except RefusedError as exc:
+            message = f"the MQTT broker at {where} {exc}"
+            raise RefusedError(message, permanent=exc.permanent) from None
+        except ConnectionError as exc:
+            raise IotgwError(f"the MQTT broker at {where} closed the connection: {exc}") from None
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self._last_out = self._clock()
+
+    def _data_received(self, protocol: _Protocol, data: bytes) -> None:
+        if protocol is not self._protocol:
+            return
+        self._last_in = self._clock()
+        self._buffer = self._buffer + data if self._buffer else data
+        self._parse()
+
+    def _parse(self) -> None:
+        """Handle every whole packet buffered; stop before a PUBLISH at the in-flight limit."""
+        if self._paused:
+            return
+        data = self._buffer
+        size = len(data)
+        pos = 0
+        capacity = self._capacity
+        messages: list[Message] = []
+        try:
+            while pos < size:
+                first = data[pos]
+                kind = first >> 4
+                if kind == _PUBLISH and self._next - self._head + self._orphans >= capacity:
+                    self._paused = True
+                    self._set_reading(False)
+                    break
+                # The remaining length: a variable byte integer after the first byte.
+                length, shift, at, whole = 0, 0, pos + 1, False
+                while at < size:
+                    byte = data[at]
+                    at += 1
+                    length |= (byte & 0x7F) << shift
+                    if byte < 0x80:
+                        whole = True
+                        break
+                    shift += 7
+                    if shift > 21:
+                        raise ProtocolError("remaining length longer than 4 bytes")
+                end = at + length
+                if not whole or end > size:
+                    break
+                if kind == _PUBLISH:
+                    qos = (first >> 1) & 0x03
+                    if qos == 2:
+                        raise ProtocolError("a QoS 2 PUBLISH on a QoS 1 subscription")
+                    topic_end = at + 2 + ((data[at] << 8) | data[at + 1])
+                    topic = data[at + 2 : topic_end].decode()
+                    if not topic:
+                        raise ProtocolError("a PUBLISH with a topic alias, which we did not allow")
+                    packet_id = 0
+                    if qos:
+                        packet_id = (data[topic_end] << 8) | data[topic_end + 1]
+                        topic_end += 2
+                    properties, body = _read_varint(data, topic_end)
+                    index = self._next
+                    slot = index % capacity
+                    self._packet_ids[slot] = packet_id
+                    self._received[slot] = self._last_in
+                    self._next = index + 1
+                    messages.append(Message(index, topic, data[body + properties : end]))
+                else:
+                    self._control(kind, data[at:end])
+                pos = end
+        except (ProtocolError, UnicodeDecodeError, IndexError) as exc:
+            log.warning("event=mqtt_protocol_error error=%r", str(exc))
+            transport = self._transport
+            self._detach(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+            if transport is not None:
+                transport.close()
+            self._lost.set()
+            return
+        finally:
+            if messages:
+                self._on_messages(messages)
+        self._buffer = data[pos:] if pos else data
+
+    def _control(self, kind: int, body: bytes) -> None:
+        handshake = self._handshake
+        waiting = handshake is not None and not handshake.done()
+        if kind == _CONNACK:
+            if len(body) < 2:
+                raise ProtocolError("a short CONNACK")
+            code = body[1]
+            properties = _properties(body, 2)[0] if len(body) > 2 else {}
+            if not waiting:
+                raise ProtocolError("a CONNACK nobody asked for")
+            assert handshake is not None
+            if code:
+                refusal = f"refused the connection: {_reason(code, properties)}"
+                handshake.set_exception(RefusedError(refusal, permanent=code in _PERMANENT))
+            else:
+                keepalive = properties.get(_SERVER_KEEP_ALIVE, self.options.keepalive_s)
+                assert isinstance(keepalive, int)
+                handshake.set_result((bool(body[0] & 0x01), keepalive))
+        elif kind == _SUBACK:
+            properties, at = _properties(body, 2)
+            code = body[at] if at < len(body) else 0x80
+            refusal = None
+            if code >= 0x80:
+                refusal = f"refused {self.options.subscription}: {_reason(code, properties)}"
+            elif code == 0:
+                refusal = (
+                    f"granted {self.options.subscription} at QoS 0 only: readings would "
+                    "not be kept while the bridge is away"
+                )
+            if waiting:
+                assert handshake is not None
+                if refusal:
+                    handshake.set_exception(RefusedError(refusal, permanent=True))
+                else:
+                    handshake.set_result((True, 0))
+            elif refusal:
+                # A reconnect's subscription, not waited for: refused, try again later.
+                raise ProtocolError(f"the broker {refusal}")
+        elif kind == _DISCONNECT:
+            code = body[0] if body else 0
+            properties = _properties(body, 1)[0] if len(body) > 1 else {}
+            reason = _reason(code, properties) if code else "normal disconnection"
+            log.warning("event=mqtt_disconnected_by_broker reason=%r", reason)
+            if waiting:
+                assert handshake is not None
+                handshake.set_exception(
+                    RefusedError(f"disconnected: {reason}", permanent=code in _PERMANENT)
+                )
+        elif kind != _PINGRESP:
+            raise ProtocolError(f"unexpected packet type {kind} for a subscriber")
+
+    def _connection_lost(self, protocol: _Protocol, exc: Exception | None) -> None:
+        if protocol is not self._protocol:
+            return
+        was_connected = self.connected
+        unacknowledged = self._detach(exc)
+        if was_connected and not self._closing:
+            log.warning(
+                "event=mqtt_disconnected error=%r unacknowledged=%d",
+                str(exc) if exc else "closed by the broker",
+                unacknowledged,
+            )
+        self._lost.set()
+
+    def _detach(self, exc: Exception | None) -> int:
+        """Forget the current connection; its unacknowledged messages become orphans (the
+        broker sends them again). Returns how many there were."""
+        self._protocol = None
+        self._transport = None
+        self._stop_keepalive()
+        self.connected = self.subscribed = False
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            handshake.set_exception(ConnectionError(str(exc) if exc else "closed"))
+            handshake.exception()  # retrieved: nobody may be waiting any more
+        head, end, capacity, finished = self._head, self._next, self._capacity, self._finished
+        unfinished = 0
+        for index in range(head, end):
+            unfinished += not finished[index % capacity]
+            finished[index % capacity] = 0
+        self._orphans += unfinished
+        if end > head and self.on_unacknowledged is not None:
+            self.on_unacknowledged(end - head)
+        self._base = self._head = end
+        self._buffer = b""
+        self._paused = self._closing
+        self._reading_paused = False
+        return end - head
+
+    def _maybe_resume(self) -> None:
+        # Resume a quarter below the limit, so the socket is not toggled for each message.
+        if self.in_flight >= self._capacity - self._capacity // 4:
+            return
+        self._paused = False
+        assert self._loop is not None
+        self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self._paused or self._transport is None:
+            return
+        # Silence while paused was ours; keep-alive counts from now.
+        self._last_in = self._clock()
+        self._parse()
+        if not self._paused:
+            self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or on != self._reading_paused:
+            return
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+        self._reading_paused = not on
+
+    # -- keep-alive ------------------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        self._stop_keepalive()
+        if self._keepalive_s and self._loop is not None:
+            self._keepalive_timer = self._loop.call_later(self._keepalive_s / 2, self._tick)
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+
+    def _tick(self) -> None:
+        now = self._clock()
+        # While paused the socket is not read, so the broker's PINGRESPs wait unread and
+        # silence means nothing; the PINGREQs still go out and keep the session alive.
+        if not self._reading_paused and now - self._last_in > 2 * self._keepalive_s:
+            log.warning("event=mqtt_keepalive_lost silent_s=%.0f", now - self._last_in)
+            if self._transport is not None:
+                self._transport.close()
+            return
+        if now - self._last_out >= self._keepalive_s / 2:
+            self._write(_PINGREQ_PACKET)
+        self._start_keepalive()

@@ -1,0 +1,257 @@
+"""Records to Kafka in arrival order per partition, each message finished when Kafka has
+acknowledged all of its records."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from gateway.kafka import describe_kafka_error
+from gateway.topics import Topics
+from gateway.validation import READING_SCHEMA, Accepted, Outcome, Rejected
+
+__all__ = ["KafkaPublisher", "PublishStats"]
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+# One Kafka request carries up to this many bytes of one partition's records.
+BATCH_BYTES = 512 * 1024
+# Keys whose partition is remembered (a device's partition never changes).
+_PARTITION_CACHE = 100_000
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass
+class PublishStats:
+    """What the publisher did since the stats were last taken."""
+
+    published: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    retries: int = 0
+    newest_ts: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Message:
+    token: int
+    remaining: int
+
+
+@dataclass(eq=False, slots=True)
+class _Record:
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    message: _Message
+    outcome: Outcome
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One partition's records in arrival order; at most one batch of them with Kafka."""
+
+    topic: str
+    partition: int
+    records: collections.deque[_Record] = field(default_factory=collections.deque)
+    sending: int = 0  # records at the head that are in the batch Kafka has now
+    failures: int = 0  # consecutive failed batches: the backoff's step
+    waiting: bool = False  # backing off after a failure
+    ready: bool = False  # in the publisher's ready queue
+
+
+class KafkaPublisher:
+    """Sends each partition's records in the order they were submitted, retrying until
+    Kafka acknowledged them, and calls `on_done(token)` once a message's records all are.
+
+    `submit` is synchronous, so records queue in arrival order. Each partition (the one
+    the Java client's murmur2 partitioner picks for the key) has a lane of its own, and a
+    lane hands Kafka its next batch only after the previous one was acknowledged. A
+    failed batch's records stay at the lane's head and are sent again before any later
+    record of that partition: a device's readings cannot overtake each other, even when
+    Kafka gives up on a batch after a long outage. Records leave the lane only once Kafka
+    acknowledged them, so what waits is bounded by what the caller submits.
+    """
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        partitions: dict[str, list[int]],
+        on_done: Callable[[int], None],
+    ) -> None:
+        self._producer = producer
+        self._readings = topics.readings
+        self._dead_letters = topics.dead_letters
+        self._partitions = partitions
+        self._on_done = on_done
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._ready: collections.deque[_Lane] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._unkeyed = 0
+        self.pending = 0  # messages submitted and not done
+        self.stats = PublishStats()
+
+    @classmethod
+    async def create(
+        cls, producer: AIOKafkaProducer, topics: Topics, on_done: Callable[[int], None]
+    ) -> KafkaPublisher:
+        """A publisher for the readings and dead-letter topics, their partitions looked up."""
+        partitions = {
+            topic: sorted(await producer.partitions_for(topic))
+            for topic in (topics.readings, topics.dead_letters)
+        }
+        return cls(producer, topics, partitions, on_done)
+
+    def take_stats(self) -> PublishStats:
+        stats, self.stats = self.stats, PublishStats()
+        return stats
+
+    def submit(self, outcomes: list[Outcome], token: int) -> None:
+        """Queue a message's records; `on_done(token)` once Kafka acknowledged them all."""
+        if not outcomes:
+            self._on_done(token)
+            return
+        message = _Message(token, len(outcomes))
+        self.pending += 1
+        key: bytes | None
+        for outcome in outcomes:
+            if isinstance(outcome, Accepted):
+                topic, key = self._readings, outcome.device_id.encode()
+                value, headers = outcome.value, [("schema", READING_SCHEMA)]
+            else:
+                topic = self._dead_letters
+                key = outcome.device_id.encode() if outcome.device_id else None
+                value, headers = outcome.original, dead_letter_headers(outcome)
+            lane = self._lane(topic, key)
+            lane.records.append(_Record(key, value, headers, message, outcome))
+            self._make_ready(lane)
+
+    async def run(self) -> None:
+        """Send what is ready, forever (cancel to stop)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._ready:
+                lane = self._ready.popleft()
+                lane.ready = False
+                if lane.records and not lane.sending and not lane.waiting:
+                    await self._send(lane)
+
+    def _lane(self, topic: str, key: bytes | None) -> _Lane:
+        partitions = self._partitions[topic]
+        if key is None:
+            self._unkeyed += 1
+            partition = partitions[self._unkeyed % len(partitions)]
+        else:
+            partition_of = self._partition_of
+            found = partition_of.get((topic, key))
+            if found is None:
+                if len(partition_of) >= _PARTITION_CACHE:
+                    partition_of.clear()
+                found = int(self._partitioner(key, partitions, partitions))
+                partition_of[(topic, key)] = found
+            partition = found
+        lane = self._lanes.get((topic, partition))
+        if lane is None:
+            lane = self._lanes[(topic, partition)] = _Lane(topic, partition)
+        return lane
+
+    def _make_ready(self, lane: _Lane) -> None:
+        if not lane.ready and not lane.sending and not lane.waiting:
+            lane.ready = True
+            self._ready.append(lane)
+            self._wakeup.set()
+
+    async def _send(self, lane: _Lane) -> None:
+        builder = self._producer.create_batch()
+        count = 0
+        for record in lane.records:
+            appended = builder.append(
+                timestamp=None, key=record.key, value=record.value, headers=record.headers
+            )
+            if appended is None:
+                break
+            count += 1
+        if not count:
+            raise RuntimeError("a record larger than an empty batch")
+        lane.sending = count
+        try:
+            delivered = await self._producer.send_batch(
+                builder, lane.topic, partition=lane.partition
+            )
+        except KafkaError as exc:
+            # Kafka does not take the batch (down, or no metadata yet).
+            self._failed(lane, describe_kafka_error(exc))
+            return
+        delivered.add_done_callback(functools.partial(self._settle, lane))
+
+    def _settle(self, lane: _Lane, delivered: asyncio.Future[Any]) -> None:
+        if delivered.cancelled():
+            self._failed(lane, "cancelled")
+            return
+        if (error := delivered.exception()) is not None:
+            # Kafka gave up on the batch (e.g. a partition without a leader for too long).
+            self._failed(lane, describe_kafka_error(error))
+            return
+        stats = self.stats
+        count, lane.sending, lane.failures = lane.sending, 0, 0
+        for _ in range(count):
+            record = lane.records.popleft()
+            outcome = record.outcome
+            if isinstance(outcome, Accepted):
+                stats.published += 1
+                if outcome.ts > stats.newest_ts:
+                    stats.newest_ts = outcome.ts
+            else:
+                stats.rejected[outcome.reason.value] += 1
+            message = record.message
+            message.remaining -= 1
+            if not message.remaining:
+                self.pending -= 1
+                self._on_done(message.token)
+        if lane.records:
+            self._make_ready(lane)
+
+    def _failed(self, lane: _Lane, error: str) -> None:
+        """Keep the batch's records at the lane's head and send them again after a pause."""
+        delay = RETRY_BACKOFF_S[min(lane.failures, len(RETRY_BACKOFF_S) - 1)]
+        log.warning(
+            "event=kafka_send_failed topic=%s partition=%d records=%d error=%r retry_in_s=%s",
+            lane.topic,
+            lane.partition,
+            lane.sending,
+            error,
+            delay,
+        )
+        self.stats.retries += lane.sending
+        lane.sending = 0
+        lane.failures += 1
+        lane.waiting = True
+        asyncio.get_running_loop().call_later(delay, self._retry, lane)
+
+    def _retry(self, lane: _Lane) -> None:
+        lane.waiting = False
+        self._make_ready(lane)
+
+
+def dead_letter_headers(outcome: Rejected) -> Headers:
+    """The headers of a dead letter (DESIGN.md, "Kafka"): why, and where it came from."""
+    return [
+        ("error", outcome.reason.value.encode()),
+        ("detail", outcome.detail.encode()),
+        ("mqtt_topic", outcome.mqtt_topic.encode()),
+        ("received_at", str(outcome.received_at).encode()),
+    ]
