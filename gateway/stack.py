@@ -9,6 +9,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,9 +38,14 @@ Report = Callable[[str], None]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_TEMPLATES = PROJECT_ROOT / "compose" / "local"
-# Mosquitto's config and ACL are the Compose deployment's own files (compose/mosquitto/).
-MOSQUITTO_CONFIG = PROJECT_ROOT / "compose" / "mosquitto" / "mosquitto.conf"
+# The local stack's Mosquitto config (two listeners); the ACL is the Compose deployment's.
+MOSQUITTO_CONFIG = LOCAL_TEMPLATES / "mosquitto.conf"
 MOSQUITTO_ACL = PROJECT_ROOT / "compose" / "mosquitto" / "acl"
+# The Compose deployment's config: one authenticated listener, per_listener_settings false.
+COMPOSE_MOSQUITTO_CONFIG = PROJECT_ROOT / "compose" / "mosquitto" / "mosquitto.conf"
+# Mosquitto from this version on, with per_listener_settings true, delivers none of an
+# offline persistent session's backlog (upstream #2618, open after 2.0.22).
+MOSQUITTO_BACKLOG_BUG_SINCE = (2, 0, 12)
 DEFAULT_STACK_DIR = PROJECT_ROOT / ".stack"
 SERVER_KINDS = ("mosquitto", "kafka", "influxdb")
 HOST = "127.0.0.1"
@@ -246,8 +252,8 @@ class Mosquitto(Server):
         }  # fmt: skip
         self.config_file.write_text(
             local_mosquitto_config(
-                MOSQUITTO_CONFIG.read_text(), self.port, self.plan.secure_mqtt_port,
-                getpass.getuser(), folders,
+                MOSQUITTO_CONFIG, self.port, self.plan.secure_mqtt_port, getpass.getuser(),
+                folders,
             )
         )  # fmt: skip
 
@@ -275,9 +281,9 @@ class Mosquitto(Server):
 
 
 def local_mosquitto_config(
-    text: str, mqtt_port: int, mqtts_port: int, user: str, folders: dict[str, Path]
+    source: Path, mqtt_port: int, mqtts_port: int, user: str, folders: dict[str, Path]
 ) -> str:
-    """The Compose deployment's mosquitto.conf, moved to the local stack's ports and folders.
+    """A mosquitto.conf written for the container's paths, moved to local ports and folders.
 
     The plain listener (1883) and the TLS listener (8883) move to the given ports on
     127.0.0.1, `/mosquitto/<folder>/...` paths to `folders[<folder>]`, `user` to the one
@@ -285,19 +291,19 @@ def local_mosquitto_config(
     """
     ports = {"1883": mqtt_port, "8883": mqtts_port}
     lines = []
-    for line in text.splitlines():
+    for line in source.read_text().splitlines():
         key, _, value = line.partition(" ")
         if key == "listener":
             port = value.split()[0]
             if port not in ports:
-                raise IotgwError(f"{MOSQUITTO_CONFIG}: the local stack has no port for {line!r}")
+                raise IotgwError(f"{source}: the local stack has no port for {line!r}")
             line = f"listener {ports[port]} {HOST}"
         elif key == "user":
             line = f"user {user}"
         elif value.startswith("/mosquitto/"):
             folder, _, rest = value.removeprefix("/mosquitto/").partition("/")
             if folder not in folders:
-                raise IotgwError(f"{MOSQUITTO_CONFIG}: the local stack has no folder for {line!r}")
+                raise IotgwError(f"{source}: the local stack has no folder for {line!r}")
             # Mosquitto wants the trailing slash of persistence_location kept.
             line = f"{key} {folders[folder] / rest}{'/' if value.endswith('/') else ''}"
         lines.append(line)
@@ -578,6 +584,8 @@ async def up(
         b for kind, b in (("mosquitto", "mosquitto"), ("influxdb", "influxd")) if kind in plan.kinds
     ]
     ensure_debian_packages(binaries, install_log, report)
+    if "mosquitto" in plan.kinds:
+        _warn_of_backlog_bug(report)
     kafka = None
     if "kafka" in plan.kinds:
         ensure_java()
@@ -621,6 +629,29 @@ async def up(
         topics,
         time.monotonic() - started_at,
     )
+
+
+def mosquitto_version(
+    binary: str = "mosquitto", env: dict[str, str] | None = None
+) -> tuple[int, ...] | None:
+    """The version `mosquitto -h` prints (e.g. (2, 0, 11)), or None if it prints none."""
+    result = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10, env=env)
+    match = re.search(r"mosquitto version (\d+)\.(\d+)\.(\d+)", result.stdout + result.stderr)
+    return tuple(int(part) for part in match.groups()) if match else None
+
+
+def _warn_of_backlog_bug(report: Report) -> None:
+    """The local config needs per_listener_settings true (an anonymous development
+    listener beside the secure one), which loses backlogs on newer Mosquittos."""
+    version = mosquitto_version()
+    if version is not None and version >= MOSQUITTO_BACKLOG_BUG_SINCE:
+        shown = ".".join(map(str, version))
+        report(
+            f"warning: Mosquitto {shown} with per_listener_settings true (the local stack's "
+            "two listeners) delivers none of an offline session's backlog (upstream #2618): "
+            "readings published while the bridge is stopped are lost; Debian 12's 2.0.11 "
+            "does not have this bug"
+        )
 
 
 def _reconcile_state(plan: StackPlan) -> StackState:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 COMPOSE = stack.PROJECT_ROOT / "compose"
 ENV_EXAMPLE = COMPOSE / ".env.example"
 IOTGW_SERVICES = {
-    "broker-init", "admin", "topics", "bridge-1", "bridge-2", "writer", "rules", "simulator",
+    "broker-init", "admin", "topics", "bridge", "writer", "rules", "simulator",
 }  # fmt: skip
 ALL_SERVICES = IOTGW_SERVICES | {"mosquitto", "kafka", "kafka-2", "kafka-3", "influxdb", "grafana"}
 
@@ -78,15 +78,18 @@ def test_compose_file_loads_with_every_profile(compose_command: list[str]) -> No
             assert source.startswith("/") or source in loaded["volumes"], (name, source)
 
 
-def test_mosquitto_runs_the_config_and_acl_of_the_local_stack(compose_command: list[str]) -> None:
-    """The broker mounts the very mosquitto.conf and ACL the local-stack tests run."""
+def test_mosquitto_runs_the_deployment_config_and_the_stacks_acl(
+    compose_command: list[str],
+) -> None:
+    """The broker mounts compose/mosquitto/mosquitto.conf (tested on Mosquitto 2.0.21 by
+    test_broker_config.py) and the ACL the local-stack tests run; every path the config
+    names lies in something the deployment mounts."""
     mosquitto = config(compose_command)["services"]["mosquitto"]
     mounts = bind_mounts(mosquitto)
-    assert mounts["/mosquitto/config/mosquitto.conf"] == stack.MOSQUITTO_CONFIG
+    assert mounts["/mosquitto/config/mosquitto.conf"] == stack.COMPOSE_MOSQUITTO_CONFIG
     assert mounts["/mosquitto/config/acl"] == stack.MOSQUITTO_ACL
-    # Every path the config names lies in something the deployment mounts.
     targets = [volume.split(":")[1] for volume in mosquitto["volumes"]]
-    text = stack.MOSQUITTO_CONFIG.read_text()
+    text = stack.COMPOSE_MOSQUITTO_CONFIG.read_text()
     for path in re.findall(r"^\w+ (/mosquitto/\S+)$", text, flags=re.MULTILINE):
         assert any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets), path
 
@@ -101,26 +104,26 @@ def test_only_secure_mqtt_and_grafana_are_published(compose_command: list[str]) 
     assert published == {("mosquitto", 8883), ("grafana", 3000)}
 
 
-def test_iotgw_services_log_in_on_tls_and_bridges_share_the_readings(
+def test_iotgw_services_log_in_on_tls_and_one_bridge_keeps_the_order(
     compose_command: list[str],
 ) -> None:
-    """Every iotgw service (but the demo simulator, on the broker's own loopback listener)
-    reaches the broker over TLS as the gateway, verifying it with the CA; the two bridges
-    have distinct client ids in one share group; restarts are automatic with health checks."""
+    """Every iotgw service reaches the broker over TLS as the gateway, verifying it with
+    the CA; one bridge with a fixed client id on a plain subscription (worker processes,
+    not a share group, scale it); restarts are automatic with health checks."""
     services = config(compose_command, "--profile", "demo")["services"]
-    for name in IOTGW_SERVICES - {"simulator"}:
+    for name in IOTGW_SERVICES:
         environment = services[name]["environment"]
         endpoint = parse_mqtt_url(environment["IOTGW_MQTT_URL"])
         assert (endpoint.tls, endpoint.host, endpoint.username) == (True, "mosquitto", GATEWAY_USER)
         assert environment["IOTGW_MQTT_CA_FILE"] == "/var/lib/iotgw/certs/ca.crt"
-    bridges = [services["bridge-1"], services["bridge-2"]]
-    assert len({b["environment"]["IOTGW_MQTT_CLIENT_ID"] for b in bridges}) == 2
-    assert all("IOTGW_MQTT_SHARE_GROUP" not in b["environment"] for b in bridges)
-    for name in ("bridge-1", "bridge-2", "writer", "rules", "mosquitto", "kafka", "influxdb"):
+    bridge = services["bridge"]["environment"]
+    assert bridge["IOTGW_MQTT_CLIENT_ID"] == "iotgw-bridge-1"
+    assert "IOTGW_MQTT_SHARE_GROUP" not in bridge
+    assert int(bridge["IOTGW_BRIDGE_WORKERS"]) >= 1
+    assert not [name for name in services if name.startswith("bridge-")]
+    for name in ("bridge", "writer", "rules", "mosquitto", "kafka", "influxdb"):
         assert services[name]["restart"] == "unless-stopped"
         assert "healthcheck" in services[name], name
-    assert parse_mqtt_url(services["simulator"]["environment"]["IOTGW_MQTT_URL"]).port == 1883
-    assert services["simulator"]["network_mode"] == "service:mosquitto"
 
 
 def test_a_missing_password_stops_compose_with_its_name(

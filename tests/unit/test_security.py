@@ -92,31 +92,53 @@ def test_a_new_ca_gets_a_new_server_certificate_and_its_key_may_live_apart(
     x509.load_pem_x509_certificate(renewed.server_cert.read_bytes()).verify_directly_issued_by(ca)
 
 
-def test_local_mosquitto_config_is_the_compose_file_moved_to_the_stack() -> None:
+@pytest.mark.parametrize(
+    ("source", "listeners"),
+    [
+        (stack.MOSQUITTO_CONFIG, {("listener 1883 127.0.0.1", "listener 21883 127.0.0.1"),
+                                  ("listener 8883", "listener 28883 127.0.0.1")}),
+        (stack.COMPOSE_MOSQUITTO_CONFIG, {("listener 8883", "listener 28883 127.0.0.1")}),
+    ],
+)  # fmt: skip
+def test_a_mosquitto_config_is_moved_to_the_stacks_ports_and_folders(
+    source: Path, listeners: set[tuple[str, str]], tmp_path: Path
+) -> None:
     """Listeners move to the stack's ports on loopback, /mosquitto/ paths under the stack;
-    every other line of the Compose deployment's file stays as it is."""
-    original = stack.MOSQUITTO_CONFIG.read_text().splitlines()
+    every other line stays as it is."""
+    original = source.read_text().splitlines()
     folders = {
         "data": Path("/s/mosquitto/data"), "auth": Path("/s/mosquitto"),
         "certs": Path("/s/certs"), "config": Path("/repo/compose/mosquitto"),
     }  # fmt: skip
-    local = stack.local_mosquitto_config(
-        stack.MOSQUITTO_CONFIG.read_text(), 21883, 28883, "alice", folders
-    ).splitlines()
+    local = stack.local_mosquitto_config(source, 21883, 28883, "alice", folders).splitlines()
     assert len(local) == len(original)
     changed = {(old, new) for old, new in zip(original, local, strict=True) if old != new}
-    assert changed == {
+    assert changed == listeners | {
         ("user mosquitto", "user alice"),
         ("persistence_location /mosquitto/data/", "persistence_location /s/mosquitto/data/"),
-        ("listener 1883 127.0.0.1", "listener 21883 127.0.0.1"),
-        ("listener 8883", "listener 28883 127.0.0.1"),
         ("certfile /mosquitto/certs/server.crt", "certfile /s/certs/server.crt"),
         ("keyfile /mosquitto/certs/server.key", "keyfile /s/certs/server.key"),
         ("password_file /mosquitto/auth/passwd", "password_file /s/mosquitto/passwd"),
         ("acl_file /mosquitto/config/acl", "acl_file /repo/compose/mosquitto/acl"),
     }
+    strange = tmp_path / "mosquitto.conf"
+    strange.write_text("listener 9001\n")
     with pytest.raises(IotgwError, match="no port for 'listener 9001'"):
-        stack.local_mosquitto_config("listener 9001\n", 1, 2, "a", folders)
+        stack.local_mosquitto_config(strange, 1, 2, "a", folders)
+
+
+def test_the_deployment_broker_keeps_backlogs_with_one_authenticated_listener() -> None:
+    """Compose's Mosquitto: per_listener_settings false (true loses offline backlogs on
+    2.0.12 and later, upstream #2618), so its security settings are global: logins only,
+    and a single listener, with TLS."""
+    lines = {
+        line for line in stack.COMPOSE_MOSQUITTO_CONFIG.read_text().splitlines()
+        if line and not line.startswith("#")
+    }  # fmt: skip
+    assert "per_listener_settings false" in lines
+    assert "allow_anonymous false" in lines
+    assert [line for line in lines if line.startswith("listener ")] == ["listener 8883"]
+    assert {"certfile /mosquitto/certs/server.crt", "tls_version tlsv1.2"} <= lines
 
 
 def test_kafka_sasl_scram_over_tls_from_settings(tmp_path: Path) -> None:
