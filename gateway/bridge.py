@@ -76,14 +76,16 @@ class WorkerProcess:
             raise IotgwError(f"bridge worker {self.number} did not start: {reason}")
         self.ready = True
 
-    def send(self, received_at: int, messages: list[tuple[int, str, bytes]]) -> None:
+    def send(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         assert self._writer is not None
         write_frame(self._writer, ("messages", received_at, messages))
 
     async def frames(self) -> AsyncIterator[tuple[Any, ...]]:
-        """The worker's frames until it exits; then IotgwError (unless it was stopped)."""
+        """The worker's frames until it exits or fails: then IotgwError with the reason."""
         assert self._reader is not None
         while (frame := await read_frame(self._reader)) is not None:
+            if frame[0] == "error":
+                raise IotgwError(f"bridge worker {self.number} failed: {frame[1]}")
             yield frame
         raise IotgwError(f"bridge worker {self.number} exited: {await self._exit_reason()}")
 
@@ -156,16 +158,17 @@ class Bridge:
             self.settings, "bridge", self.metrics.registry, self.readiness
         )
         tasks: list[asyncio.Task[None]] = []
+        stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.gather(*(worker.start() for worker in self.workers))
-            if self.settings.mqtt_share_group:
-                log.warning(
-                    "event=shared_subscription subscription=%s warning=%r",
-                    self.subscription,
-                    "per-device order holds only on a broker whose shared subscriptions are "
-                    "sticky per publisher (EMQX hash_clientid); Mosquitto's are not",
-                )
-            await self.session.connect()
+            # Start-up waits on Kafka, the registry and the broker, each up to
+            # IOTGW_TIMEOUT_S; a SIGTERM meanwhile stops it at once.
+            starting = asyncio.create_task(self._start(tasks))
+            await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return
+            starting.result()
             log.info(
                 "event=bridge_started client_id=%s subscription=%s workers=%d "
                 "max_in_flight=%d metrics=http://%s:%d/metrics",
@@ -176,16 +179,28 @@ class Bridge:
                 self.settings.metrics_host,
                 self.health.port,
             )
-            tasks = [asyncio.create_task(self._follow(worker)) for worker in self.workers]
             tasks.append(asyncio.create_task(self.session.run(), name="mqtt-session"))
-            stopping = asyncio.create_task(stop.wait())
             await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
             for task in tasks:
                 if task.done() and (error := task.exception()) is not None:
                     raise error
         finally:
+            stopping.cancel()
             await self._shutdown(tasks)
+
+    async def _start(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Start the workers, follow them, then connect: a kept session's queued readings
+        come at once, and only the workers' answers make room for more."""
+        await asyncio.gather(*(worker.start() for worker in self.workers))
+        tasks += [asyncio.create_task(self._follow(worker)) for worker in self.workers]
+        if self.settings.mqtt_share_group:
+            log.warning(
+                "event=shared_subscription subscription=%s warning=%r",
+                self.subscription,
+                "per-device order holds only on a broker whose shared subscriptions are "
+                "sticky per publisher (EMQX hash_clientid); Mosquitto's are not",
+            )
+        await self.session.connect()
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Hand each message to the worker that owns its device, in arrival order."""
@@ -193,11 +208,11 @@ class Bridge:
         self.metrics.messages.inc(len(messages))
         workers = self.workers
         if len(workers) == 1:
-            workers[0].send(received_at, [(m.index, m.topic, m.payload) for m in messages])
+            workers[0].send(received_at, [(m.index, m.topic, m.payload, m.size) for m in messages])
             return
-        shares: list[list[tuple[int, str, bytes]]] = [[] for _ in workers]
+        shares: list[list[tuple[int, str, bytes, int]]] = [[] for _ in workers]
         for m in messages:
-            shares[owner(m.topic, len(workers))].append((m.index, m.topic, m.payload))
+            shares[owner(m.topic, len(workers))].append((m.index, m.topic, m.payload, m.size))
         for worker, share in zip(workers, shares, strict=True):
             if share:
                 worker.send(received_at, share)
@@ -223,11 +238,12 @@ class Bridge:
         """Stop taking messages, let Kafka acknowledge what is in flight, then close."""
         session = self.session
         session.stop_reading()
-        if tasks:
+        # Wait for what the workers hold, unless one has died (its messages never finish).
+        if tasks and not any(task.done() for task in tasks):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.drained(), DRAIN_TIMEOUT_S)
-            if session.in_flight:
-                log.warning("event=shutdown_unacknowledged messages=%d", session.in_flight)
+        if session.in_flight:
+            log.warning("event=shutdown_unacknowledged messages=%d", session.in_flight)
         session.close()
         for task in tasks:
             task.cancel()

@@ -4,8 +4,9 @@ The bridge's session process starts `python -m gateway.bridge_worker FD NUMBER` 
 settings in its environment and one end of a socket pair as FD. Over it, frames go both
 ways (a 4-byte length, then a `marshal`led tuple of plain values):
 
-- to the worker: `("messages", received_at_ms, [(index, topic, payload), ...])`, every
-  message of the devices this worker owns, in arrival order;
+- to the worker: `("messages", received_at_ms, [(index, topic, payload, size), ...])`,
+  every message of the devices this worker owns, in arrival order (`size` is the
+  payload's, larger than `payload` when only its first bytes were kept);
 - to the session: `("ready",)` once the registry is loaded and Kafka answers, or
   `("error", reason)` and exit 1; then `("done", [index, ...], stats)` as Kafka
   acknowledges messages, `stats` being what happened since the last frame.
@@ -80,6 +81,8 @@ class IngestWorker:
         self._producer: AIOKafkaProducer | None = None
         self._publisher: KafkaPublisher | None = None
         self._publishing: asyncio.Task[None] | None = None
+        # Done (with the error) when the publisher stopped: Kafka refused for good.
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._done: list[int] = []
         self._readings = 0
         self._idle = asyncio.Event()
@@ -98,18 +101,19 @@ class IngestWorker:
         except KafkaError as exc:
             raise IotgwError(f"cannot read the topics' partitions: {exc}") from None
         self._publishing = asyncio.create_task(self._publisher.run(), name="kafka-publisher")
+        self.failed = self._publishing
         # Everything loaded so far (registry, schemas, libraries) lives as long as the
         # process: keep it out of the collector's full scans, which at high rates
         # otherwise cost more than the readings themselves.
         gc.freeze()
 
-    def handle(self, received_at: int, messages: list[tuple[int, str, bytes]]) -> None:
+    def handle(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         """Judge each message's readings and queue them for Kafka, in arrival order."""
         publisher = self._publisher
         assert publisher is not None
         process = self.validator.process
-        for index, topic, payload in messages:
-            outcomes = process(topic, payload, received_at)
+        for index, topic, payload, size in messages:
+            outcomes = process(topic, payload, received_at, size)
             self._readings += len(outcomes)
             publisher.submit(outcomes, index)
         if publisher.pending:
@@ -134,12 +138,11 @@ class IngestWorker:
 
     async def stop(self) -> None:
         """Give Kafka a moment for what is pending, then close."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), _STOP_TIMEOUT_S)
-        if self._publishing is not None:
+        if self._publishing is not None and not self._publishing.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), _STOP_TIMEOUT_S)
             self._publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publishing
+            await asyncio.gather(self._publishing, return_exceptions=True)
         if self._producer is not None:
             with contextlib.suppress(KafkaError, TimeoutError):
                 await asyncio.wait_for(self._producer.stop(), _STOP_TIMEOUT_S)
@@ -158,13 +161,32 @@ async def serve(fd: int) -> int:
         await writer.drain()
         return 1
     write_frame(writer, ("ready",))
-    try:
+
+    async def pump() -> None:
         while (frame := await read_frame(reader)) is not None:
             worker.handle(frame[1], frame[2])
+
+    pumping = asyncio.create_task(pump())
+    try:
+        await asyncio.wait([pumping, worker.failed], return_when=asyncio.FIRST_COMPLETED)
+        failure = next(
+            (f.exception() for f in (worker.failed, pumping) if f.done() and f.exception()),
+            None,
+        )
+        if failure is None:
+            return 0
+        # One line for the session to report; the traceback too if it is not Kafka's.
+        if not isinstance(failure, IotgwError):
+            log.error("event=worker_failed", exc_info=failure)
+        write_frame(writer, ("error", str(failure) or type(failure).__name__))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        return 1
     finally:
+        pumping.cancel()
+        await asyncio.gather(pumping, return_exceptions=True)
         await worker.stop()
         writer.close()
-    return 0
 
 
 def main() -> None:

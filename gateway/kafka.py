@@ -11,7 +11,25 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InvalidConfigurationError,
+    InvalidRequiredAcksError,
+    InvalidTopicError,
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    PolicyViolationError,
+    ProducerClosed,
+    ProducerFenced,
+    RecordTooLargeError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedVersionError,
+)
 from aiokafka.helpers import create_ssl_context
 
 from gateway.errors import IotgwError
@@ -237,6 +255,38 @@ async def _replication(admin: AIOKafkaAdminClient, settings: Settings) -> int:
                 f"Kafka has {brokers} after {settings.timeout_s:.0f} s"
             )
         await asyncio.sleep(0.5)
+
+
+# Kafka errors retrying cannot fix: a service stops on them with a one-line reason instead
+# of retrying forever. Everything else (no broker, no leader, timeouts) is transient.
+FATAL_KAFKA_ERRORS: tuple[type[Exception], ...] = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    SaslAuthenticationFailed,
+    InvalidConfigurationError,
+    InvalidRequiredAcksError,
+    InvalidTopicError,
+    PolicyViolationError,
+    UnsupportedVersionError,
+    RecordTooLargeError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    ProducerClosed,
+)
+
+
+def is_fatal(exc: BaseException, producer: AIOKafkaProducer | None = None) -> bool:
+    """True when retrying cannot help: an error of FATAL_KAFKA_ERRORS, or any error once
+    `producer`'s sender has stopped (aiokafka then fails every later send with it)."""
+    if isinstance(exc, FATAL_KAFKA_ERRORS):
+        return True
+    # aiokafka has no public way to ask; its sender task ends only on a fatal error.
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
 
 
 def describe_kafka_error(exc: BaseException) -> str:

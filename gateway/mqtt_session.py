@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import IotgwError
 from gateway.mqtt import tls_context
@@ -51,6 +52,11 @@ _SUBSCRIBE_PACKET_ID = 1
 _PUBACK_PACKET = struct.Struct("!BBH")
 _PINGREQ_PACKET = b"\xc0\x00"
 _DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection: the session is kept
+# Of a PUBLISH whose payload is larger than this, or whose properties are, the session
+# keeps the first bytes of the payload and discards the rest as it arrives (a too_large
+# dead letter keeps 64 KiB): what one message holds is bounded, whatever the broker sends.
+KEPT_PAYLOAD_BYTES = 64 * 1024
+_MAX_PROPERTIES_BYTES = 64 * 1024
 # Reconnect at once, then back off to this; a bridge away is a backlog growing.
 _RECONNECT_FIRST_S = 0.2
 _RECONNECT_MAX_S = 5.0
@@ -94,11 +100,13 @@ class RefusedError(IotgwError):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One received PUBLISH: its index in arrival order, topic and payload."""
+    """One received PUBLISH: its index in arrival order, topic and payload, and the
+    payload's size (larger than `payload` when only its first bytes were kept)."""
 
     index: int
     topic: str
     payload: bytes
+    size: int
 
 
 @dataclass(frozen=True)
@@ -248,8 +256,15 @@ class MqttSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
-        self._handshake: asyncio.Future[tuple[bool, int]] | None = None
+        # The CONNACK awaited (session present, keep-alive), and the SUBACK.
+        self._connack: asyncio.Future[tuple[bool, int]] | None = None
+        self._suback: asyncio.Future[None] | None = None
+        # A refusal seen after connect() returned; run() raises it.
+        self._refused: RefusedError | None = None
+        self._where = ""
         self._buffer = b""
+        # Bytes still to come of an oversized PUBLISH whose start was handed over.
+        self._discard = 0
         # Parsing stopped at the in-flight limit (or for shutdown); the socket not read.
         self._paused = False
         self._reading_paused = False
@@ -330,6 +345,8 @@ class MqttSession:
             await self._lost.wait()
             if self._closing:
                 return
+            if self._refused is not None:
+                raise self._refused
             try:
                 await self._connect_once(first=False)
                 delay = _RECONNECT_FIRST_S
@@ -361,7 +378,9 @@ class MqttSession:
     async def _connect_once(self, *, first: bool) -> None:
         options = self.options
         endpoint = options.endpoint
-        where = f"{'mqtts' if endpoint.tls else 'mqtt'}://{endpoint.host}:{endpoint.port}"
+        where = self._where = (
+            f"{'mqtts' if endpoint.tls else 'mqtt'}://{endpoint.host}:{endpoint.port}"
+        )
         context = tls_context(endpoint, options.ca_file)
         loop = self._loop
         assert loop is not None
@@ -386,14 +405,19 @@ class MqttSession:
             self._lost.set()
             raise IotgwError(f"MQTT broker unreachable at {where}: {exc or 'timed out'}") from None
         assert isinstance(transport, asyncio.Transport)
+        if self._closing:
+            transport.close()
+            self._lost.set()
+            return
         self._transport, self._protocol = transport, protocol
         self._buffer = b""
+        self._discard = 0
         self._paused = self._reading_paused = False
         self._last_in = self._last_out = self._clock()
         try:
-            self._handshake = loop.create_future()
+            self._connack = loop.create_future()
             self._write(encode_connect(options))
-            session_present, keepalive = await self._answer("CONNACK", where)
+            session_present, keepalive = await self._answer(self._connack, "CONNACK", where)
             self._keepalive_s = keepalive
             self.connected = True
             self.connections += 1
@@ -403,18 +427,19 @@ class MqttSession:
                 session_present,
                 self.connections,
             )
-            # The first connection always subscribes and waits for the broker's yes, so a
-            # refused subscription stops the bridge with its reason. Later ones subscribe
-            # when the broker has no session for us, and for a shared subscription, which
-            # Mosquitto 2.0.x never persists (a crash forgets it while keeping the session).
-            # A plain one lives in the session: queued readings may already precede a
-            # SUBACK, and waiting for it behind them could stall at the in-flight limit.
+            # A plain subscription lives in the session the broker kept; a shared one does
+            # not survive a Mosquitto crash (2.0.x never persists them), and a new session
+            # has none. The first connection subscribes in any case (the filter may have
+            # changed since the session was made). Readings queued in a kept session come
+            # right after the CONNACK, ahead of the SUBACK, and may fill the in-flight
+            # limit: the SUBACK is then awaited only when the broker kept no session.
+            self.subscribed = session_present and not self._shared
             if first or not session_present or self._shared:
-                self._handshake = loop.create_future()
+                self._suback = loop.create_future()
+                self._suback.add_done_callback(self._subscribed)
                 self._write(encode_subscribe(options.subscription))
-                if first:
-                    await self._answer("SUBACK", where)
-            self.subscribed = True
+                if not session_present:
+                    await self._answer(self._suback, "SUBACK", where)
         except BaseException:
             self._detach(None)
             transport.close()
@@ -423,10 +448,26 @@ class MqttSession:
         # Messages that came with the CONNACK or SUBACK wait in the buffer until now.
         self._parse()
 
-    async def _answer(self, what: str, where: str) -> tuple[bool, int]:
-        assert self._handshake is not None
+    def _subscribed(self, suback: asyncio.Future[None]) -> None:
+        if suback.cancelled() or suback is not self._suback:
+            return
+        refusal = suback.exception()
+        if refusal is None:
+            self.subscribed = True
+        elif isinstance(refusal, RefusedError):
+            # Whether connect() is waiting for it or not, a refused subscription is the
+            # end: run() raises it (retrying cannot fix an ACL or a QoS 0 grant).
+            self._refused = RefusedError(f"the MQTT broker at {self._where} {refusal}",
+                                         permanent=True)  # fmt: skip
+            transport = self._transport
+            self._detach(None)
+            if transport is not None:
+                transport.close()
+            self._lost.set()
+
+    async def _answer(self, future: asyncio.Future[Any], what: str, where: str) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.shield(self._handshake), self.options.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), self.options.timeout_s)
         except TimeoutError:
             raise IotgwError(f"the MQTT broker at {where} sent no {what}") from None
         except RefusedError as exc:
@@ -447,6 +488,13 @@ class MqttSession:
         if protocol is not self._protocol:
             return
         self._last_in = self._clock()
+        if self._discard:
+            # The rest of an oversized PUBLISH whose start was handed over already.
+            dropped = min(self._discard, len(data))
+            self._discard -= dropped
+            data = data[dropped:]
+            if not data:
+                return
         self._buffer = self._buffer + data if self._buffer else data
         self._parse()
 
@@ -479,35 +527,29 @@ class MqttSession:
                     shift += 7
                     if shift > 21:
                         raise ProtocolError("remaining length longer than 4 bytes")
-                end = at + length
-                if not whole or end > size:
+                if not whole:
                     break
-                if kind == _PUBLISH:
-                    qos = (first >> 1) & 0x03
-                    if qos == 2:
-                        raise ProtocolError("a QoS 2 PUBLISH on a QoS 1 subscription")
-                    topic_end = at + 2 + ((data[at] << 8) | data[at + 1])
-                    topic = data[at + 2 : topic_end].decode()
-                    if not topic:
-                        raise ProtocolError("a PUBLISH with a topic alias, which we did not allow")
-                    packet_id = 0
-                    if qos:
-                        packet_id = (data[topic_end] << 8) | data[topic_end + 1]
-                        topic_end += 2
-                    properties, body = _read_varint(data, topic_end)
-                    index = self._next
-                    slot = index % capacity
-                    self._packet_ids[slot] = packet_id
-                    self._received[slot] = self._last_in
-                    self._next = index + 1
-                    messages.append(Message(index, topic, data[body + properties : end]))
-                else:
+                end = at + length
+                if kind != _PUBLISH:
+                    if end > size:
+                        break
                     self._control(kind, data[at:end])
+                    pos = end
+                    continue
+                message = self._publish(first, data, at, end)
+                if message is None:
+                    break  # not enough of it yet
+                messages.append(message)
+                if end > size:
+                    # An oversized PUBLISH: its start is kept, the rest is dropped as it comes.
+                    self._discard = end - size
+                    pos = size
+                    break
                 pos = end
-        except (ProtocolError, UnicodeDecodeError, IndexError) as exc:
+        except (ProtocolError, UnicodeDecodeError) as exc:
             log.warning("event=mqtt_protocol_error error=%r", str(exc))
             transport = self._transport
-            self._detach(exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc)))
+            self._detach(exc)
             if transport is not None:
                 transport.close()
             self._lost.set()
@@ -517,52 +559,115 @@ class MqttSession:
                 self._on_messages(messages)
         self._buffer = data[pos:] if pos else data
 
+    def _publish(self, first: int, data: bytes, at: int, end: int) -> Message | None:
+        """The PUBLISH whose variable header starts at `at` and which ends at `end` (perhaps
+        beyond what is buffered), or None until enough of it is here.
+
+        Every field is read within the packet's own length. A PUBLISH whose payload or
+        properties are larger than what is kept is handed over once its header and the
+        first KEPT_PAYLOAD_BYTES of its payload are here, with its true payload size; the
+        caller drops the rest as it arrives.
+        """
+        size = len(data)
+        qos = (first >> 1) & 0x03
+        if qos == 2:
+            raise ProtocolError("a QoS 2 PUBLISH on a QoS 1 subscription")
+        here = min(size, end)  # what of this packet is buffered
+        if end < at + 2:
+            raise ProtocolError("a PUBLISH shorter than its topic's length")
+        if here < at + 2:
+            return None
+        topic_end = at + 2 + ((data[at] << 8) | data[at + 1])
+        header_end = topic_end + (2 if qos else 0)
+        if header_end >= end:
+            raise ProtocolError("a PUBLISH shorter than its topic and packet id")
+        # The properties' length: a variable byte integer, wholly within the packet.
+        properties, shift, cursor = 0, 0, header_end
+        while True:
+            if cursor >= here:
+                if here == end:
+                    raise ProtocolError("a PUBLISH whose properties' length is cut off")
+                return None
+            byte = data[cursor]
+            cursor += 1
+            properties |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise ProtocolError("a properties' length longer than 4 bytes")
+        body = cursor + properties
+        if body > end:
+            raise ProtocolError("PUBLISH properties longer than the packet")
+        payload_size = end - body
+        if end > size:
+            oversized = payload_size > KEPT_PAYLOAD_BYTES or properties > _MAX_PROPERTIES_BYTES
+            if not oversized:
+                return None
+            if properties <= _MAX_PROPERTIES_BYTES and size < body + KEPT_PAYLOAD_BYTES:
+                return None
+            payload = data[body : body + KEPT_PAYLOAD_BYTES] if body < size else b""
+        else:
+            payload = data[body:end]
+        topic = data[at + 2 : topic_end].decode()
+        if not topic:
+            raise ProtocolError("a PUBLISH with a topic alias, which we did not allow")
+        packet_id = 0
+        if qos:
+            packet_id = (data[topic_end] << 8) | data[topic_end + 1]
+            if not packet_id:
+                raise ProtocolError("a QoS 1 PUBLISH with packet id 0")
+        index = self._next
+        slot = index % self._capacity
+        self._packet_ids[slot] = packet_id
+        self._received[slot] = self._last_in
+        self._next = index + 1
+        return Message(index, topic, payload, payload_size)
+
     def _control(self, kind: int, body: bytes) -> None:
-        handshake = self._handshake
-        waiting = handshake is not None and not handshake.done()
         if kind == _CONNACK:
+            connack = self._connack
             if len(body) < 2:
                 raise ProtocolError("a short CONNACK")
+            if connack is None or connack.done():
+                raise ProtocolError("a CONNACK nobody asked for")
             code = body[1]
             properties = _properties(body, 2)[0] if len(body) > 2 else {}
-            if not waiting:
-                raise ProtocolError("a CONNACK nobody asked for")
-            assert handshake is not None
             if code:
                 refusal = f"refused the connection: {_reason(code, properties)}"
-                handshake.set_exception(RefusedError(refusal, permanent=code in _PERMANENT))
+                connack.set_exception(RefusedError(refusal, permanent=code in _PERMANENT))
             else:
                 keepalive = properties.get(_SERVER_KEEP_ALIVE, self.options.keepalive_s)
                 assert isinstance(keepalive, int)
-                handshake.set_result((bool(body[0] & 0x01), keepalive))
+                connack.set_result((bool(body[0] & 0x01), keepalive))
         elif kind == _SUBACK:
+            suback = self._suback
+            if len(body) < 3:
+                raise ProtocolError("a short SUBACK")
+            if suback is None or suback.done():
+                raise ProtocolError("a SUBACK nobody asked for")
             properties, at = _properties(body, 2)
             code = body[at] if at < len(body) else 0x80
-            refusal = None
             if code >= 0x80:
-                refusal = f"refused {self.options.subscription}: {_reason(code, properties)}"
+                subscription = self.options.subscription
+                refusal = f"refused {subscription}: {_reason(code, properties)}"
+                suback.set_exception(RefusedError(refusal, permanent=True))
             elif code == 0:
                 refusal = (
                     f"granted {self.options.subscription} at QoS 0 only: readings would "
                     "not be kept while the bridge is away"
                 )
-            if waiting:
-                assert handshake is not None
-                if refusal:
-                    handshake.set_exception(RefusedError(refusal, permanent=True))
-                else:
-                    handshake.set_result((True, 0))
-            elif refusal:
-                # A reconnect's subscription, not waited for: refused, try again later.
-                raise ProtocolError(f"the broker {refusal}")
+                suback.set_exception(RefusedError(refusal, permanent=True))
+            else:
+                suback.set_result(None)
         elif kind == _DISCONNECT:
             code = body[0] if body else 0
             properties = _properties(body, 1)[0] if len(body) > 1 else {}
             reason = _reason(code, properties) if code else "normal disconnection"
             log.warning("event=mqtt_disconnected_by_broker reason=%r", reason)
-            if waiting:
-                assert handshake is not None
-                handshake.set_exception(
+            connack = self._connack
+            if connack is not None and not connack.done():
+                connack.set_exception(
                     RefusedError(f"disconnected: {reason}", permanent=code in _PERMANENT)
                 )
         elif kind != _PINGRESP:
@@ -588,10 +693,11 @@ class MqttSession:
         self._transport = None
         self._stop_keepalive()
         self.connected = self.subscribed = False
-        handshake = self._handshake
-        if handshake is not None and not handshake.done():
-            handshake.set_exception(ConnectionError(str(exc) if exc else "closed"))
-            handshake.exception()  # retrieved: nobody may be waiting any more
+        for future in (self._connack, self._suback):
+            if future is not None and not future.done():
+                future.set_exception(ConnectionError(str(exc) if exc else "closed"))
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._connack = self._suback = None
         head, end, capacity, finished = self._head, self._next, self._capacity, self._finished
         unfinished = 0
         for index in range(head, end):
@@ -602,6 +708,7 @@ class MqttSession:
             self.on_unacknowledged(end - head)
         self._base = self._head = end
         self._buffer = b""
+        self._discard = 0
         self._paused = self._closing
         self._reading_paused = False
         return end - head

@@ -15,11 +15,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from gateway.kafka import describe_kafka_error
+from gateway.errors import IotgwError
+from gateway.kafka import describe_kafka_error, is_fatal
 from gateway.topics import Topics
 from gateway.validation import READING_SCHEMA, Accepted, Outcome, Rejected
 
-__all__ = ["KafkaPublisher", "PublishStats"]
+__all__ = ["KafkaPublisher", "PublishError", "PublishStats"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ BATCH_BYTES = 512 * 1024
 _PARTITION_CACHE = 100_000
 
 Headers = list[tuple[str, bytes]]
+
+
+class PublishError(IotgwError):
+    """Kafka refused the records for a reason retrying cannot fix."""
 
 
 @dataclass
@@ -103,6 +108,7 @@ class KafkaPublisher:
         self._unkeyed = 0
         self.pending = 0  # messages submitted and not done
         self.stats = PublishStats()
+        self._fatal: PublishError | None = None
 
     @classmethod
     async def create(
@@ -140,10 +146,12 @@ class KafkaPublisher:
             self._make_ready(lane)
 
     async def run(self) -> None:
-        """Send what is ready, forever (cancel to stop)."""
+        """Send what is ready until cancelled; PublishError when Kafka refuses for good."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._fatal is not None:
+                raise self._fatal
             while self._ready:
                 lane = self._ready.popleft()
                 lane.ready = False
@@ -194,17 +202,17 @@ class KafkaPublisher:
             )
         except KafkaError as exc:
             # Kafka does not take the batch (down, or no metadata yet).
-            self._failed(lane, describe_kafka_error(exc))
+            self._failed(lane, exc)
             return
         delivered.add_done_callback(functools.partial(self._settle, lane))
 
     def _settle(self, lane: _Lane, delivered: asyncio.Future[Any]) -> None:
         if delivered.cancelled():
-            self._failed(lane, "cancelled")
+            self._failed(lane, None)
             return
         if (error := delivered.exception()) is not None:
             # Kafka gave up on the batch (e.g. a partition without a leader for too long).
-            self._failed(lane, describe_kafka_error(error))
+            self._failed(lane, error)
             return
         stats = self.stats
         count, lane.sending, lane.failures = lane.sending, 0, 0
@@ -225,8 +233,14 @@ class KafkaPublisher:
         if lane.records:
             self._make_ready(lane)
 
-    def _failed(self, lane: _Lane, error: str) -> None:
-        """Keep the batch's records at the lane's head and send them again after a pause."""
+    def _failed(self, lane: _Lane, exc: BaseException | None) -> None:
+        """Keep the batch's records at the lane's head and send them again after a pause;
+        stop the publisher if retrying cannot help."""
+        error = describe_kafka_error(exc) if exc is not None else "cancelled"
+        if exc is not None and is_fatal(exc, self._producer):
+            self._fatal = PublishError(f"Kafka refused records for {lane.topic} for good: {error}")
+            self._wakeup.set()
+            return
         delay = RETRY_BACKOFF_S[min(lane.failures, len(RETRY_BACKOFF_S) - 1)]
         log.warning(
             "event=kafka_send_failed topic=%s partition=%d records=%d error=%r retry_in_s=%s",

@@ -99,7 +99,12 @@ class ReadingValidator:
         self._limiter = limiter
         self._clock = clock
 
-    def process(self, topic: str, payload: bytes, received_at: int) -> list[Outcome]:
+    def process(
+        self, topic: str, payload: bytes, received_at: int, size: int | None = None
+    ) -> list[Outcome]:
+        """The outcome of each reading of one message. `size` is the payload's size when
+        `payload` holds only its first bytes (a message too large to keep whole)."""
+
         def reject(device_id: str | None, reason: Reason, detail: str, original: bytes) -> Rejected:
             return Rejected(device_id, reason, detail[:_DETAIL_MAX], original, topic, received_at)
 
@@ -107,9 +112,10 @@ class ReadingValidator:
         if device_id is None or not is_device_id(device_id):
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
-        if len(payload) > MAX_PAYLOAD_BYTES:
+        size = len(payload) if size is None else size
+        if size > MAX_PAYLOAD_BYTES:
             detail = (
-                f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}; "
+                f"payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}; "
                 f"its first {MAX_PAYLOAD_BYTES} bytes are kept"
             )
             return [reject(device_id, Reason.TOO_LARGE, detail, payload[:MAX_PAYLOAD_BYTES])]

@@ -97,6 +97,8 @@ class ScriptedBroker:
         self.connack_code = 0
         self.suback_code = 1
         self.session_present = False
+        # Sent right after the CONNACK, ahead of any SUBACK: a kept session's queue.
+        self.backlog = b""
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -137,6 +139,7 @@ class ScriptedBroker:
             return
         assert connect.kind == 1, connect
         writer.write(connack(session_present=self.session_present, code=self.connack_code))
+        writer.write(self.backlog)
         connection = Connection(reader, writer, connect)
         if self.connack_code == 0 and not self.session_present:
             subscribe = await read_packet(reader)

@@ -170,6 +170,27 @@ async def test_sigterm_under_load_exits_within_10_s(settings: Settings, tmp_path
         await forget_session(s)
 
 
+async def test_sigterm_while_kafka_is_unreachable_at_start_exits_within_10_s(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Kafka does not answer (nothing listens there): the bridge is still starting, trying
+    for IOTGW_TIMEOUT_S (here 30 s), when SIGTERM comes; it exits 0 within 10 s."""
+    s = settings.model_copy(
+        update={"kafka_bootstrap": f"127.0.0.1:{free_ports(1)}", "timeout_s": 30.0}
+    )
+    log = tmp_path / "bridge.log"
+    with bridge_process(s, log) as bridge:
+        # Its worker runs: start-up is under way, waiting for Kafka.
+        await until(lambda: len(process_tree(bridge.pid)) > 1, 10, "the worker started")
+        asked = time.monotonic()
+        bridge.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(bridge.wait, 15)
+        took = time.monotonic() - asked
+    assert code == 0, log.read_text()[-2000:]
+    assert took < 10, f"took {took:.1f} s"
+    assert "event=bridge_stopped" in log.read_text()
+
+
 async def test_kafka_outage_of_30_s_loses_nothing_and_memory_stays_bounded(
     settings: Settings, tmp_path: Path
 ) -> None:

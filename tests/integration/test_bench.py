@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import Settings
-from simulators.bench import RUNS
+from simulators.bench import DEFAULT_RUNS
 
 pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke_run_reports_every_run_and_field(settings: Settings, tmp_path: Path) -> None:
-    """`iotgw bench` with tiny counts writes latest.json with all four runs and a chart."""
+    """`iotgw bench` with tiny counts writes latest.json with its default runs (the
+    ceiling, the naive bridge, iotgw with one and with two workers) and a chart."""
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "bench", "--readings", "300", "--live", "200",
          "--rates", "100,200", "--seconds", "1", "--out", str(tmp_path)],
@@ -27,7 +28,7 @@ def test_bench_smoke_run_reports_every_run_and_field(settings: Settings, tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "latest.json").read_text())
     assert {"cpus", "cpu_model", "memory_gib", "kafka", "python"} <= set(results["machine"])
-    assert [run["name"] for run in results["runs"]] == list(RUNS)
+    assert [run["name"] for run in results["runs"]] == list(DEFAULT_RUNS)
     for run in results["runs"]:
         for key in ("readings_per_s", "p50_ms", "p99_ms", "cpu_s_per_10k", "rss_mb", "lost"):
             assert key in run, (run["name"], key)

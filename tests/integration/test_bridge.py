@@ -213,6 +213,34 @@ async def test_a_share_group_makes_a_shared_subscription_with_a_warning(
     assert "sticky per publisher" in caplog.text
 
 
+async def test_a_payload_of_megabytes_is_a_too_large_dead_letter(
+    bridge_settings: Settings,
+) -> None:
+    """A device publishes 8 MiB (Mosquitto takes up to 256 MB): the bridge keeps only its
+    first 64 KiB (the rest is dropped as it arrives), the dead letter names the real size,
+    and the device's next reading arrives."""
+    s = bridge_settings
+    device_id = unique("big")
+    await register(s, thermostat(device_id))
+    big = b"[" + b" " * (8 * 1024 * 1024) + b"]"
+    topics = Topics(s.topic_prefix)
+    async with (
+        running_bridge(s),
+        TopicReader(s, topics.dead_letters) as dead,
+        TopicReader(s, topics.readings) as readings,
+    ):
+        async with DevicePublisher(s.mqtt.host, s.mqtt.port) as device:
+            await device.publish(f"devices/{device_id}/telemetry", big)
+            await device.publish(f"devices/{device_id}/telemetry", reading_payload(seq=1))
+        await readings.wait_for(1)
+        await dead.wait_for(1)
+    [letter] = dead.records
+    headers = dict(letter.headers)
+    assert headers["error"] == b"too_large"
+    assert f"payload of {len(big)} bytes".encode() in headers["detail"]
+    assert letter.value == big[:65536]
+
+
 async def test_health_and_metrics_endpoints(bridge_settings: Settings) -> None:
     """/readyz is 200 once MQTT, Kafka and the registry are up; /metrics counts readings."""
     s = bridge_settings

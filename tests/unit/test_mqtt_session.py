@@ -8,11 +8,12 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 
 from gateway.errors import IotgwError
-from gateway.mqtt_session import Message, MqttSession, SessionOptions
+from gateway.mqtt_session import KEPT_PAYLOAD_BYTES, Message, MqttSession, SessionOptions
 from gateway.settings import parse_mqtt_url
 from tests.raw_mqtt import Connection, ScriptedBroker, publish
 from tests.support import until
@@ -63,6 +64,19 @@ async def session_with(
     finally:
         session.close()
         await running
+
+
+async def complete_as_they_come(session: MqttSession, owner: Owner, count: int) -> None:
+    """Complete messages as the session hands them over, until `count` came."""
+    done = 0
+    while done < count:
+        await until(partial(more_than, owner, done), 10, f"more than {done} messages")
+        fresh, done = owner.messages[done:], len(owner.messages)
+        session.complete([m.index for m in fresh])
+
+
+def more_than(owner: Owner, count: int) -> bool:
+    return len(owner.messages) > count
 
 
 def send_all(connection: Connection, count: int, first_id: int = 1, size: int = 20) -> None:
@@ -136,12 +150,7 @@ async def test_in_flight_never_exceeds_the_limit_and_the_socket_is_not_read() ->
         # Kernel buffers hold a few MB; the rest waits in the broker: back-pressure.
         await until(lambda: transport.get_write_buffer_size() > 4_000_000, 10, "backed up")
         assert len(owner.messages) == 10
-        done = 0
-        while done < 200:
-            await until(lambda: len(owner.messages) > done, 10, "more messages")  # noqa: B023
-            fresh = owner.messages[done:]
-            done = len(owner.messages)
-            session.complete([m.index for m in fresh])
+        await complete_as_they_come(session, owner, 200)
         await until(lambda: len(connection.acks) == 200, 10, "every PUBACK")
     assert owner.peak <= 10
     assert connection.acks == list(range(1, 201))
@@ -257,3 +266,65 @@ async def test_a_malformed_packet_drops_the_connection_and_it_comes_back() -> No
         await until(lambda: len(owner.messages) == 1, 5, "the message again")
         session.complete([owner.messages[0].index])
         await until(lambda: second.acks == [9], 5, "acknowledged")
+
+
+async def test_a_kept_sessions_backlog_ahead_of_the_suback_does_not_stall_the_start() -> None:
+    """The broker kept the session and sends 30 queued readings right after the CONNACK,
+    ahead of the SUBACK, against a limit of 10: connect() returns at once, the readings
+    flow as they are acknowledged, and the SUBACK behind them is read."""
+    async with ScriptedBroker() as broker:
+        broker.session_present = True
+        broker.backlog = b"".join(publish(TOPIC, b"{}", i) for i in range(1, 31))
+        async with session_with(broker, max_in_flight=10) as (session, owner):
+            connection = await broker.connection(0)
+            await complete_as_they_come(session, owner, 30)
+            await until(lambda: len(connection.acks) == 30, 5, "every PUBACK")
+            await until(lambda: session.subscribed, 5, "the SUBACK read")
+    assert connection.subscribe is not None
+    assert owner.peak <= 10
+
+
+async def test_a_refused_subscription_on_a_reconnect_ends_the_session() -> None:
+    """The broker lost the session and now refuses the subscription (say, a changed ACL):
+    the session does not go on receiving nothing; run() raises the refusal."""
+    async with ScriptedBroker() as broker:
+        owner = Owner()
+        session = MqttSession(options(broker.port), owner.take)
+        owner.session = session
+        await session.connect()
+        running = asyncio.create_task(session.run())
+        first = await broker.connection(0)
+        broker.suback_code = 0x87
+        first.drop()
+        with pytest.raises(IotgwError, match="refused devices/\\+/telemetry: not authorized"):
+            await asyncio.wait_for(running, 10)
+        assert not session.subscribed
+        session.close()
+
+
+async def test_a_publish_shorter_than_its_fields_is_a_protocol_error() -> None:
+    """A PUBLISH whose remaining length (2) ends inside its topic: the session drops the
+    connection rather than read the topic and packet id from the next packet, and
+    acknowledges nothing it did not receive."""
+    async with ScriptedBroker() as broker, session_with(broker) as (session, owner):
+        first = await broker.connection(0)
+        first.send(b"\x32\x02\x00\x14" + publish(TOPIC, b"{}", 7))
+        await broker.connection(1)
+        await until(lambda: session.connected, 5, "reconnected")
+        assert owner.messages == []
+        assert first.acks == []
+
+
+async def test_an_oversized_publish_is_handed_over_by_its_start_and_its_size() -> None:
+    """A 3 MiB payload: the session hands over its first 64 KiB with its true size and
+    drops the rest as it arrives (memory stays bounded), then reads the next message."""
+    payload = b"x" * (3 * 1024 * 1024)
+    async with ScriptedBroker() as broker, session_with(broker) as (session, owner):
+        connection = await broker.connection(0)
+        connection.send(publish(TOPIC, payload, 1) + publish(TOPIC, b"{}", 2))
+        await until(lambda: len(owner.messages) == 2, 10, "both messages")
+        big, small = owner.messages
+        assert (len(big.payload), big.size) == (KEPT_PAYLOAD_BYTES, len(payload))
+        assert (small.payload, small.size) == (b"{}", 2)
+        session.complete([big.index, small.index])
+        await until(lambda: connection.acks == [1, 2], 5, "both PUBACKs")

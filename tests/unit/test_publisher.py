@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
-from gateway.publisher import KafkaPublisher
+from gateway.publisher import KafkaPublisher, PublishError
 from gateway.topics import Topics
 from gateway.validation import Accepted, Outcome, Reason, Rejected
 
@@ -142,3 +142,19 @@ async def test_a_message_finishes_when_all_its_records_are_acknowledged() -> Non
         batches[2].delivered.set_result(None)
         await asyncio.sleep(0)
         assert done == [0]
+
+
+async def test_an_error_retrying_cannot_fix_stops_the_publisher() -> None:
+    """Kafka refuses the topic (not authorized): the publisher stops with a reason
+    instead of retrying forever, and nothing is reported done."""
+    producer, done = FakeProducer(), list[int]()
+
+    async def refused(batch: Builder, topic: str, *, partition: int) -> Any:
+        raise TopicAuthorizationFailedError()
+
+    producer.send_batch = refused  # type: ignore[method-assign]
+    publisher = KafkaPublisher(producer, TOPICS, {TOPICS.readings: [0]}, done.append)
+    publisher.submit([reading("a", 0)], 0)
+    with pytest.raises(PublishError, match="for good"):
+        await asyncio.wait_for(publisher.run(), 5)
+    assert done == []
