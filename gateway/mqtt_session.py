@@ -35,6 +35,7 @@ from typing import Any
 from gateway.errors import IotgwError
 from gateway.mqtt import tls_context
 from gateway.settings import MqttEndpoint
+from schemas.reading import MAX_PAYLOAD_BYTES
 
 __all__ = ["Message", "MqttSession", "SessionOptions", "encode_connect", "encode_subscribe"]
 
@@ -55,7 +56,7 @@ _DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection: the session is kept
 # Of a PUBLISH whose payload is larger than this, or whose properties are, the session
 # keeps the first bytes of the payload and discards the rest as it arrives (a too_large
 # dead letter keeps 64 KiB): what one message holds is bounded, whatever the broker sends.
-KEPT_PAYLOAD_BYTES = 64 * 1024
+KEPT_PAYLOAD_BYTES = MAX_PAYLOAD_BYTES
 _MAX_PROPERTIES_BYTES = 64 * 1024
 # Reconnect at once, then back off to this; a bridge away is a backlog growing.
 _RECONNECT_FIRST_S = 0.2
@@ -608,7 +609,7 @@ class MqttSession:
                 return None
             payload = data[body : body + KEPT_PAYLOAD_BYTES] if body < size else b""
         else:
-            payload = data[body:end]
+            payload = data[body : min(end, body + KEPT_PAYLOAD_BYTES)]
         topic = data[at + 2 : topic_end].decode()
         if not topic:
             raise ProtocolError("a PUBLISH with a topic alias, which we did not allow")
