@@ -59,7 +59,7 @@ SOAK_MINUTES ?= 10
 
 soak: setup ## the bridge and the writer at 5,000 readings/s for 10 minutes, charted (not in `make test`)
 	$(BIN)/iotgw stack up
-	$(BIN)/python -m simulators.soak --rate $(SOAK_RATE) --minutes $(SOAK_MINUTES)
+	$(BIN)/python -m simulators.bench.soak --rate $(SOAK_RATE) --minutes $(SOAK_MINUTES)
 
 stack-up: setup
 	$(BIN)/iotgw stack up

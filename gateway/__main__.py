@@ -1,5 +1,5 @@
 """`python -m gateway` runs the `iotgw` command line."""
 
-from gateway.cli import main
+from gateway.cli.app import main
 
 main()

@@ -13,9 +13,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import kafka_connection, topic_partitions
 from gateway.errors import IotgwError
-from gateway.influx import InfluxClient
-from gateway.kafka import kafka_connection, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import DeviceType

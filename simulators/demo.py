@@ -26,12 +26,12 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
+from devstack.stack import DEFAULT_STACK_DIR
+from gateway.adapters.kafka import ensure_topics
+from gateway.cli.terminal import console, print_error, say
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.kafka import ensure_topics
 from gateway.settings import Settings, load_settings
-from gateway.stack import DEFAULT_STACK_DIR
-from gateway.terminal import console, print_error, say
 from gateway.topics import Topics
 from simulators.audit import SendLog, audit_until_settled, read_since
 from simulators.fleet import DEMO_FAULTS, parse_faults

@@ -9,10 +9,10 @@ from pathlib import Path
 from rich.live import Live
 from rich.table import Table
 
+from gateway.cli.terminal import console
 from gateway.clock import now_ms
-from gateway.registry import RegistryWriter
+from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
-from gateway.terminal import console
 from simulators.audit import AuditReport
 from simulators.fleet import FleetTraffic, build_fleet
 from simulators.simulate import SimulationStats, simulate

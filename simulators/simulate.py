@@ -13,8 +13,8 @@ from typing import TextIO
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 
+from gateway.adapters.mqtt import connect, publish_in_window
 from gateway.errors import IotgwError
-from gateway.mqtt import connect, publish_in_window
 from gateway.settings import Settings
 from simulators.fleet import FleetTraffic, Message
 

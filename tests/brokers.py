@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from devstack.installer import cache_dir
 from gateway.errors import IotgwError
-from gateway.installer import cache_dir
 
 BACKPORTS_MOSQUITTO = "2.0.21-1~bpo12+1"
 _SUITES = ("bookworm-backports", "bookworm")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway import stack
+from devstack import stack
 from gateway.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """A scripted MQTT 5 broker on a raw socket: what the bridge sends, byte by byte.
 
-Written apart from gateway.mqtt_session on purpose (a shared encoder would hide a shared
+Written apart from gateway.adapters.mqtt_session on purpose (a shared encoder would hide a shared
 mistake); the real-Mosquitto tests check both against a real broker.
 """
 

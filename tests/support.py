@@ -18,14 +18,14 @@ from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 from pydantic import SecretStr
 
-from gateway.bridge import Bridge
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import create_producer, ensure_topics
+from gateway.adapters.mqtt import connect, publish_in_window
 from gateway.clock import now_ms
-from gateway.influx import InfluxClient
-from gateway.kafka import create_producer, ensure_topics
-from gateway.mqtt import connect, publish_in_window
-from gateway.registry import RegistryWriter
+from gateway.services.bridge.session import Bridge
+from gateway.services.registry import RegistryWriter
+from gateway.services.writer import Writer
 from gateway.settings import MqttEndpoint, Settings
-from gateway.writer import Writer
 from schemas import Device
 from tests.conftest import unique
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import stack
+from devstack import stack
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
-from simulators.processes import process_tree, rss_mb
+from simulators.bench.processes import process_tree, rss_mb
 from tests.conftest import stack_settings, unique
 from tests.integration.test_stack import free_ports
 from tests.support import (

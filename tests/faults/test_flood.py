@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from gateway.installer import ensure_debian_packages
+from devstack.installer import ensure_debian_packages
 from gateway.settings import Settings
 from gateway.topics import Topics
-from simulators.processes import rss_mb
+from simulators.bench.processes import rss_mb
 from tests.faults.test_bridge_faults import bridge_process, stream, thermostats, until_started
 from tests.faults.test_pipeline_faults import scrape
 from tests.support import (

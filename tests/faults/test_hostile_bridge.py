@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from gateway.clock import now_ms
-from gateway.ratelimit import RateLimiter
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import ReadingValidator
 from gateway.settings import Settings
 from gateway.topics import Topics
-from gateway.validation import ReadingValidator
 from schemas import Device, DeviceType
 from tests.conftest import unique
 from tests.faults.test_bridge_faults import stream

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import stack
-from gateway.kafka import kafka_admin
+from devstack import stack
+from gateway.adapters.kafka import kafka_admin
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.audit import AuditReport, SendLog, audit_until_settled
-from simulators.processes import rss_mb
+from simulators.bench.processes import rss_mb
 from simulators.runner import run_simulation
 from tests.conftest import stack_settings
 from tests.faults.tcp_proxy import TcpProxy

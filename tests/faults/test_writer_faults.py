@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import stack
+from devstack import stack
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics

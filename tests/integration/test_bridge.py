@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 from pydantic import SecretStr
 
-from gateway.bridge import Bridge
 from gateway.clock import now_ms
+from gateway.services.bridge.session import Bridge
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from gateway import stack
-from gateway.certs import ensure_certificates
-from gateway.mqtt import broker_answers
-from gateway.mqtt_auth import GATEWAY_USER, PasswordFile, generate_password
+from devstack import stack
+from gateway.adapters.certs import ensure_certificates
+from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
+from gateway.adapters.mqtt import broker_answers
 from gateway.settings import MqttEndpoint, Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from gateway import stack
+from devstack import stack
 from gateway.settings import Settings
 from tests.conftest import unique
 from tests.raw_mqtt import packet, read_packet, varint

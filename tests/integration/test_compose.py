@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import stack
-from gateway.installer import ensure_debian_packages
-from gateway.mqtt_auth import GATEWAY_USER
+from devstack import stack
+from devstack.installer import ensure_debian_packages
+from gateway.adapters.mosquitto_auth import GATEWAY_USER
 from gateway.settings import parse_mqtt_url
 
 pytestmark = pytest.mark.integration

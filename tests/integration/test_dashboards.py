@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.adapters.kafka import create_producer
 from gateway.clock import now_ms
-from gateway.kafka import create_producer
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from gateway import stack
+from devstack import stack
+from gateway.adapters.influx import InfluxClient
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.influx import InfluxClient
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import unique

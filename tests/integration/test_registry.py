@@ -15,10 +15,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from typer.testing import CliRunner, Result
 
-from gateway.cli import app
-from gateway.device_import import build_device
-from gateway.kafka import ensure_topics, kafka_admin
-from gateway.registry import DeviceRegistry, RegistryWriter
+from gateway.adapters.kafka import ensure_topics, kafka_admin
+from gateway.cli.app import app
+from gateway.domain.devices_file import build_device
+from gateway.services.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import unique

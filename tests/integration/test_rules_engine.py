@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.clock import now_ms
-from gateway.rules_service import RulesService
+from gateway.services.rules import RulesService
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType

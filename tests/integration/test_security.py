@@ -20,9 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
-from gateway import stack
+from devstack import stack
+from gateway.adapters.mqtt import connect
 from gateway.errors import IotgwError
-from gateway.mqtt import connect
 from gateway.settings import Settings, parse_mqtt_url
 from gateway.topics import Topics
 from tests.conftest import unique

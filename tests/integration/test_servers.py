@@ -12,11 +12,11 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import NewTopic
 from gmqtt import Client
 
-from gateway.influx import InfluxClient
-from gateway.installer import ensure_kafka
-from gateway.kafka import create_producer, kafka_admin
+from devstack.installer import ensure_kafka
+from devstack.stack import LOCAL_TEMPLATES
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import create_producer, kafka_admin
 from gateway.settings import Settings
-from gateway.stack import LOCAL_TEMPLATES
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration

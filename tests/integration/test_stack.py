@@ -18,10 +18,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import NodeNotReadyError
 from gmqtt import Client
 
-from gateway import stack
+from devstack import stack
+from gateway.adapters.kafka import broker_ids, create_producer, kafka_admin
+from gateway.adapters.mqtt import publish_in_window
 from gateway.errors import IotgwError
-from gateway.kafka import broker_ids, create_producer, kafka_admin
-from gateway.mqtt import publish_in_window
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import stack_settings, unique

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from gateway.clock import now_ms
+from gateway.services.tail import format_reading
 from gateway.settings import Settings
-from gateway.tail import format_reading
 from gateway.topics import Topics
 from tests.conftest import unique
 from tests.support import canonical, own_settings, produce

@@ -7,12 +7,12 @@ import json
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import topic_partitions
 from gateway.clock import now_ms
-from gateway.influx import InfluxClient
-from gateway.kafka import topic_partitions
+from gateway.services.writer import Writer
 from gateway.settings import Settings
 from gateway.topics import Topics
-from gateway.writer import Writer
 from schemas import Device, DeviceType
 from tests.conftest import unique
 from tests.support import (

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from gateway.cli import app
-from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
+from gateway.cli.app import app
+from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
 from schemas import Device, DeviceType
 
 pytestmark = pytest.mark.unit

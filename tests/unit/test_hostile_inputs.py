@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.clock import now_ms
-from gateway.ratelimit import RateLimiter
-from gateway.validation import Accepted, Outcome, ReadingValidator, Rejected
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
 from schemas import Device, DeviceType
 from schemas.reading import MAX_PAYLOAD_BYTES, READING
 from tests.hostile import NASTY_TEXT, REASONS, nasty_corpus, payloads

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.installer import ensure_debian_packages, ensure_java, kafka_version
+from devstack.stack import LOCAL_TEMPLATES
 from gateway.errors import IotgwError
-from gateway.installer import ensure_debian_packages, ensure_java, kafka_version
-from gateway.stack import LOCAL_TEMPLATES
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.lineprotocol import LineProtocolError, format_field, point, series_key
+from gateway.domain.lineprotocol import LineProtocolError, format_field, point, series_key
+from gateway.services.writer import PointEncoder
 from gateway.topics import Topics
-from gateway.writer import PointEncoder
 from schemas import Device, DeviceType
 
 pytestmark = pytest.mark.unit

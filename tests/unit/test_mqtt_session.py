@@ -12,8 +12,8 @@ from functools import partial
 
 import pytest
 
+from gateway.adapters.mqtt_session import KEPT_PAYLOAD_BYTES, Message, MqttSession, SessionOptions
 from gateway.errors import IotgwError
-from gateway.mqtt_session import KEPT_PAYLOAD_BYTES, Message, MqttSession, SessionOptions
 from gateway.settings import parse_mqtt_url
 from tests.raw_mqtt import Connection, ScriptedBroker, publish
 from tests.support import until

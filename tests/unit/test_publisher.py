@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
-from gateway.publisher import KafkaPublisher, PublishError
+from gateway.domain.validation import Accepted, Outcome, Reason, Rejected
+from gateway.services.bridge.publisher import KafkaPublisher, PublishError
 from gateway.topics import Topics
-from gateway.validation import Accepted, Outcome, Reason, Rejected
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.rules import Alert, RuleEngine
-from gateway.rules_file import RulesFileError, load_rules
+from gateway.domain.rules import Alert, RuleEngine
+from gateway.domain.rules_file import RulesFileError, load_rules
 from schemas import Device, DeviceType
 from schemas.rules import RulesFile
 

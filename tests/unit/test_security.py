@@ -10,12 +10,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway import stack
-from gateway.certs import ensure_certificates
+from devstack import stack
+from gateway.adapters.certs import ensure_certificates
+from gateway.adapters.kafka import kafka_security
+from gateway.adapters.mosquitto_auth import (
+    PasswordFile,
+    generate_password,
+    hash_password,
+    verify_password,
+)
+from gateway.adapters.mqtt import tls_context
 from gateway.errors import ConfigError, IotgwError
-from gateway.kafka import kafka_security
-from gateway.mqtt import tls_context
-from gateway.mqtt_auth import PasswordFile, generate_password, hash_password, verify_password
 from gateway.settings import Settings, load_settings, parse_mqtt_url
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("clean_environment")]

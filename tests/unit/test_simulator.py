@@ -14,8 +14,8 @@ from gmqtt.mqtt.utils import IdGenerator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.ratelimit import RateLimiter
-from gateway.validation import Accepted, ReadingValidator, Rejected
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import Accepted, ReadingValidator, Rejected
 from schemas import DeviceType
 from schemas.reading import READING
 from simulators.fleet import FAULTS, FleetTraffic, build_fleet, parse_faults

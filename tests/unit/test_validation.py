@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.ratelimit import RateLimiter
-from gateway.validation import Accepted, ReadingValidator, Reason, Rejected, topic_device_id
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import Accepted, ReadingValidator, Reason, Rejected, topic_device_id
 from schemas import Device, DeviceType
 
 pytestmark = pytest.mark.unit

@@ -1,8 +1,8 @@
 """The ingestion bridge: one ordered MQTT session in, worker processes out to Kafka.
 
-This process holds the MQTT session and the acknowledgement order (gateway.mqtt_session);
+This process holds the MQTT session and the acknowledgement order (gateway.adapters.mqtt_session);
 each message goes to the worker process that owns its device (a stable hash of the id in
-the topic), which validates it and produces it to Kafka (gateway.bridge_worker). A
+the topic), which validates it and produces it to Kafka (gateway.services.bridge.worker). A
 worker gets its devices' messages in arrival order and produces each partition's records
 in order, so a device's readings reach its partition in the order it sent them. A
 message's PUBACK leaves once Kafka acknowledged its records and every earlier message's.
@@ -20,11 +20,11 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.bridge_worker import read_frame, write_frame
+from gateway.adapters.mqtt_session import Message, MqttSession, SessionOptions
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.mqtt_session import Message, MqttSession, SessionOptions
-from gateway.observability import BridgeMetrics, HealthServer
+from gateway.services.bridge.worker import read_frame, write_frame
+from gateway.services.runtime import BridgeMetrics, HealthServer
 from gateway.settings import Settings
 from gateway.topics import MQTT_TELEMETRY_FILTER
 
@@ -62,7 +62,7 @@ class WorkerProcess:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.bridge_worker", str(theirs.fileno()),
+                sys.executable, "-m", "gateway.services.bridge.worker", str(theirs.fileno()),
                 str(self.number), pass_fds=(theirs.fileno(),),
                 env={**os.environ, **self._settings.environment()},
             )  # fmt: skip

@@ -1,6 +1,6 @@
 """Benchmark: how long and how much memory a registry of N devices takes to load at start.
 
-    python -m simulators.bench_registry --devices 100000
+    python -m simulators.bench.registry --devices 100000
 
 Writes N devices to a registry topic of its own, loads it in a fresh process (so its
 peak RSS is the loader's alone), prints the figures and deletes its topics.
@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from gateway.kafka import ensure_topics, kafka_admin
-from gateway.registry import DeviceRegistry, RegistryWriter
+from gateway.adapters.kafka import ensure_topics, kafka_admin
+from gateway.services.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
@@ -93,7 +93,7 @@ def main() -> None:
     asyncio.run(fill(own, args.devices))
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "simulators.bench_registry", "--load-only", own.topic_prefix],
+            [sys.executable, "-m", "simulators.bench.registry", "--load-only", own.topic_prefix],
             capture_output=True,
             text=True,
             check=True,

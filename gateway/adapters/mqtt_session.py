@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.adapters.mqtt import tls_context
 from gateway.errors import IotgwError
-from gateway.mqtt import tls_context
 from gateway.settings import MqttEndpoint
 from schemas.reading import MAX_PAYLOAD_BYTES
 

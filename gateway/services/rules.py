@@ -14,13 +14,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from gmqtt import Client
 
+from gateway.adapters.kafka import consumer_lag, kafka_connection, started, topic_partitions
+from gateway.adapters.mqtt import connect
 from gateway.clock import now_ms
-from gateway.kafka import consumer_lag, kafka_connection, started, topic_partitions
-from gateway.mqtt import connect
-from gateway.observability import HealthServer, RulesMetrics
-from gateway.registry import DeviceRegistry
-from gateway.rules import Alert, RuleEngine, RuleState
-from gateway.rules_file import load_rules
+from gateway.domain.rules import Alert, RuleEngine, RuleState
+from gateway.domain.rules_file import load_rules
+from gateway.services.registry import DeviceRegistry
+from gateway.services.runtime import HealthServer, RulesMetrics
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas.rules import Rule, Webhook

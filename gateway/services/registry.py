@@ -14,14 +14,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from gateway.errors import IotgwError
-from gateway.kafka import (
+from gateway.adapters.kafka import (
     create_producer,
     describe_kafka_error,
     kafka_connection,
     started,
     topic_partitions,
 )
+from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device

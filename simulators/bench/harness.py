@@ -35,18 +35,18 @@ from gmqtt import Client
 from gmqtt.storage import PersistentStorage
 from rich.table import Table
 
+from devstack.installer import ensure_debian_packages, ensure_kafka, kafka_version
+from devstack.stack import LOCAL_TEMPLATES
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import ensure_topics, kafka_admin, kafka_connection, topic_partitions
+from gateway.adapters.mqtt import publish_in_window
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.influx import InfluxClient
-from gateway.installer import ensure_debian_packages, ensure_kafka, kafka_version
-from gateway.kafka import ensure_topics, kafka_admin, kafka_connection, topic_partitions
-from gateway.mqtt import publish_in_window
-from gateway.registry import RegistryWriter
+from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
-from gateway.stack import LOCAL_TEMPLATES
 from gateway.topics import MQTT_TELEMETRY_FILTER, Topics
+from simulators.bench.processes import usage
 from simulators.fleet import FleetTraffic, build_fleet
-from simulators.processes import usage
 
 # iotgw_N: `iotgw run bridge --workers N`.
 RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2", "iotgw_3")
@@ -224,7 +224,7 @@ class Subject:
             await asyncio.sleep(3)  # neither says when it is ready: the JVM starts in ~2 s
         else:
             if self.name == "naive_bridge":
-                command = ["simulators.baselines.naive_bridge"]
+                command = ["simulators.bench.baselines.naive_bridge"]
             else:
                 workers = self.name.removeprefix("iotgw_")
                 command = ["gateway", "run", "bridge", "--workers", workers]

@@ -1,6 +1,6 @@
 """Benchmark: points per second the writer puts into InfluxDB with its default settings.
 
-    python -m simulators.bench_writer --readings 200000
+    python -m simulators.bench.writer --readings 200000
 
 Against the local stack. Produces N canonical readings (100 devices of every type) to
 topics of its own, runs `iotgw run writer` as a separate process with the defaults, and
@@ -22,13 +22,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import create_producer, ensure_topics, kafka_admin
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
-from gateway.influx import InfluxClient
-from gateway.kafka import create_producer, ensure_topics, kafka_admin
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.processes import usage
+from simulators.bench.processes import usage
 
 METRICS: dict[str, dict[str, Any]] = {
     "thermostat": {

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gateway.adapters.files import write_atomically
 from gateway.errors import IotgwError
-from gateway.files import write_atomically
 
 # The gateway's own user on the secure listener; `compose/mosquitto/acl` lets it read all
 # telemetry and write all commands, so no device may have this name as its login.

@@ -1,7 +1,7 @@
 """Benchmark: readings per second the rules engine evaluates, with the example rules and
 with 100 rules.
 
-    python -m simulators.bench_rules --readings 200000
+    python -m simulators.bench.rules --readings 200000
 
 In one process, without Kafka: each reading is decoded from canonical JSON (as the
 engine receives it) and evaluated, through the event-time reorder buffer, against
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.rules import RuleEngine
-from gateway.rules_file import load_rules
+from gateway.domain.rules import RuleEngine
+from gateway.domain.rules_file import load_rules
 from schemas import Device
 from schemas.rules import Rule
 from simulators.fleet import FleetTraffic, build_fleet

@@ -25,20 +25,20 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.influx import InfluxClient
-from gateway.kafka import ensure_topics, kafka_connection, settings_admin, topic_partitions
-from gateway.registry import RegistryWriter
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import ensure_topics, kafka_connection, settings_admin, topic_partitions
+from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.bench import (
+from simulators.bench.harness import (
     DEVICES,
     Publisher,
     forget_sessions,
     pregenerate,
     unlimited,
 )
+from simulators.bench.processes import usage
 from simulators.fleet import build_fleet
-from simulators.processes import usage
 
 WINDOW_S = 10.0
 

@@ -24,14 +24,14 @@ from string import Template
 
 from pydantic import SecretStr
 
-from gateway.certs import CertFiles, ensure_certificates
+from devstack.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
+from gateway.adapters.certs import CertFiles, ensure_certificates
+from gateway.adapters.files import write_atomically
+from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import TopicResult, broker_ids, ensure_topics
+from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
+from gateway.adapters.mqtt import broker_answers
 from gateway.errors import IotgwError
-from gateway.files import write_atomically
-from gateway.influx import InfluxClient
-from gateway.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
-from gateway.kafka import TopicResult, broker_ids, ensure_topics
-from gateway.mqtt import broker_answers
-from gateway.mqtt_auth import GATEWAY_USER, PasswordFile, generate_password
 from gateway.settings import MqttEndpoint, Settings
 
 Report = Callable[[str], None]

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from gateway.kafka import kafka_connection, started, topic_partitions
+from gateway.adapters.kafka import kafka_connection, started, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 

@@ -15,10 +15,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from gateway.adapters.kafka import describe_kafka_error, is_fatal
+from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome, Rejected
 from gateway.errors import IotgwError
-from gateway.kafka import describe_kafka_error, is_fatal
 from gateway.topics import Topics
-from gateway.validation import READING_SCHEMA, Accepted, Outcome, Rejected
 
 __all__ = ["KafkaPublisher", "PublishError", "PublishStats"]
 

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.adapters.files import write_atomically
 from gateway.errors import IotgwError
-from gateway.files import write_atomically
 
 CA_DAYS = 3650
 SERVER_DAYS = 825

@@ -17,23 +17,23 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from gateway import stack
-from gateway.bridge import Bridge
-from gateway.certs import ensure_certificates
-from gateway.cli_devices import devices_app
+from devstack import stack
+from gateway.adapters.certs import ensure_certificates
+from gateway.adapters.kafka import TopicResult, ensure_topics
+from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile
+from gateway.cli.devices import devices_app
+from gateway.cli.terminal import console, errors, print_error, say
+from gateway.domain.rules_file import load_rules
 from gateway.errors import IotgwError
-from gateway.kafka import TopicResult, ensure_topics
-from gateway.mqtt_auth import GATEWAY_USER, PasswordFile
-from gateway.observability import LOG_FORMAT, service_logging
-from gateway.rules_file import load_rules
-from gateway.rules_service import RulesService
+from gateway.services.bridge.session import Bridge
+from gateway.services.rules import RulesService
+from gateway.services.runtime import LOG_FORMAT, service_logging
+from gateway.services.tail import format_reading, tail
+from gateway.services.writer import Writer
 from gateway.settings import Settings, load_settings
-from gateway.tail import format_reading, tail
-from gateway.terminal import console, errors, print_error, say
 from gateway.topics import Topics
-from gateway.writer import Writer
 from simulators.audit import SendLog, audit_until_settled
-from simulators.bench import DEFAULT_RUNS, RUNS, bench, bench_table
+from simulators.bench.harness import DEFAULT_RUNS, RUNS, bench, bench_table
 from simulators.fleet import parse_faults
 from simulators.runner import audit_table, run_simulation
 

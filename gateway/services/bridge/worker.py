@@ -1,8 +1,8 @@
 """A bridge worker process: decodes, validates and produces the readings of its devices.
 
-The bridge's session process starts `python -m gateway.bridge_worker FD NUMBER` with the
-settings in its environment and one end of a socket pair as FD. Over it, frames go both
-ways (a 4-byte length, then a `marshal`led tuple of plain values):
+The bridge's session process starts `python -m gateway.services.bridge.worker FD NUMBER`
+with the settings in its environment and one end of a socket pair as FD. Over it, frames
+go both ways (a 4-byte length, then a `marshal`led tuple of plain values):
 
 - to the worker: `("messages", received_at_ms, [(index, topic, payload, size), ...])`,
   every message of the devices this worker owns, in arrival order (`size` is the
@@ -30,15 +30,15 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from gateway.adapters.kafka import create_producer, started
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import ReadingValidator
 from gateway.errors import IotgwError
-from gateway.kafka import create_producer, started
-from gateway.observability import service_logging
-from gateway.publisher import BATCH_BYTES, KafkaPublisher
-from gateway.ratelimit import RateLimiter
-from gateway.registry import DeviceRegistry
+from gateway.services.bridge.publisher import BATCH_BYTES, KafkaPublisher
+from gateway.services.registry import DeviceRegistry
+from gateway.services.runtime import service_logging
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from gateway.validation import ReadingValidator
 
 __all__ = ["IngestWorker", "read_frame", "write_frame"]
 

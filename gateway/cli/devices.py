@@ -12,14 +12,14 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from gateway import stack
+from devstack import stack
+from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
+from gateway.cli.terminal import console, errors
 from gateway.clock import now_ms
-from gateway.device_import import DeviceInputError, build_device, parse_devices_csv
+from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
 from gateway.errors import IotgwError
-from gateway.mqtt_auth import GATEWAY_USER, PasswordFile, generate_password
-from gateway.registry import DeviceRegistry, RegistryWriter
+from gateway.services.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings, load_settings
-from gateway.terminal import console, errors
 from schemas import Device
 
 devices_app = typer.Typer(

@@ -17,19 +17,19 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from gateway.clock import now_ms
-from gateway.errors import IotgwError
-from gateway.influx import influx_reason
-from gateway.kafka import (
+from gateway.adapters.influx import influx_reason
+from gateway.adapters.kafka import (
     consumer_lag,
     create_producer,
     describe_kafka_error,
     kafka_connection,
     started,
 )
-from gateway.lineprotocol import LineProtocolError, point, series_key
-from gateway.observability import HealthServer, WriterMetrics
-from gateway.registry import DeviceRegistry
+from gateway.clock import now_ms
+from gateway.domain.lineprotocol import LineProtocolError, point, series_key
+from gateway.errors import IotgwError
+from gateway.services.registry import DeviceRegistry
+from gateway.services.runtime import HealthServer, WriterMetrics
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device

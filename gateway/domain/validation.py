@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
-from gateway.ratelimit import RateLimiter
+from gateway.domain.ratelimit import RateLimiter
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
 

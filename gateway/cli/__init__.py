@@ -1,0 +1,1 @@
+"""The `iotgw` command line: one module per command group, put together in app.py."""

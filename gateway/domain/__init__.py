@@ -1,0 +1,1 @@
+"""Pure logic, no I/O: validation, rate limits, rules, line protocol, the rules and device files."""

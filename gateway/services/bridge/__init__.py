@@ -1,0 +1,1 @@
+"""The ingestion bridge: one ordered MQTT session, worker processes, Kafka lanes."""
