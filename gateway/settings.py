@@ -30,11 +30,11 @@ from gateway.errors import ConfigError
 ENV_PREFIX = "IOTGW_"
 CONFIG_FILE = "iotgw.toml"
 
-Service = Literal["bridge", "writer", "rules"]
+ServiceName = Literal["bridge", "writer", "rules"]
 
 # Each service serves Prometheus metrics and health on its own port, so the three
 # can run side by side on one host (DESIGN.md, "Configuration").
-DEFAULT_METRICS_PORTS: dict[Service, int] = {"bridge": 9108, "writer": 9109, "rules": 9110}
+DEFAULT_METRICS_PORTS: dict[ServiceName, int] = {"bridge": 9108, "writer": 9109, "rules": 9110}
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
             variables[f"{ENV_PREFIX}{name.upper()}"] = str(value)
         return variables
 
-    def metrics_port_for(self, service: Service) -> int:
+    def metrics_port_for(self, service: ServiceName) -> int:
         if self.metrics_port is None:
             return DEFAULT_METRICS_PORTS[service]
         return self.metrics_port

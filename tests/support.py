@@ -169,13 +169,13 @@ class TopicReader:
         await until(lambda: len(self.records) >= count, timeout_s, f"{count} records")
 
 
-class Service(Protocol):
+class Runnable(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
     def readiness(self) -> dict[str, bool]: ...
 
 
-S = TypeVar("S", bound=Service)
+S = TypeVar("S", bound=Runnable)
 
 
 @asynccontextmanager

@@ -12,8 +12,8 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from devstack import stack
 from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
+from gateway.cli.stack import devstack
 from gateway.cli.terminal import console, errors
 from gateway.clock import now_ms
 from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
@@ -81,16 +81,30 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False))
 
 
+def _local_password_file() -> Path | None:
+    """The local stack's password file, in a checkout of iotgw; None elsewhere."""
+    try:
+        plan = devstack().StackPlan()
+    except IotgwError:
+        return None
+    path: Path = plan.password_file
+    return path
+
+
 def _password_file(settings: Settings) -> PasswordFile:
     """Mosquitto's password file: IOTGW_MQTT_PASSWORD_FILE, else the local stack's."""
-    return PasswordFile(settings.mqtt_password_file or stack.StackPlan().password_file)
+    path = settings.mqtt_password_file or _local_password_file()
+    if path is None:
+        raise IotgwError("set IOTGW_MQTT_PASSWORD_FILE: the broker's password file", exit_code=2)
+    return PasswordFile(path)
 
 
 def _reload_broker(settings: Settings) -> None:
     """Tell the user how the broker learns of a changed password file, making it so if we can."""
     path = _password_file(settings).path
-    if path.resolve() == stack.StackPlan().password_file.resolve():
-        if not stack.reload_mosquitto():
+    local = _local_password_file()
+    if local is not None and path.resolve() == local.resolve():
+        if not devstack().reload_mosquitto():
             say_quietly("the local stack's Mosquitto is not running; it reads the logins at start")
         return
     say_quietly(

@@ -1,11 +1,14 @@
-"""Prometheus metrics and the `/healthz` and `/readyz` endpoints of a service."""
+"""What every service runs on: its logging, its run loop (stopped by SIGINT or SIGTERM),
+its Prometheus metrics and its `/healthz` and `/readyz` endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -13,12 +16,30 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import IotgwError
-from gateway.settings import Service, Settings
+from gateway.settings import ServiceName, Settings
 
 # One line an event: the time, then key=value pairs.
 LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+# A service's run: until the event is set, then a graceful shutdown.
+ServiceRun = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def serve(service: ServiceRun) -> None:
+    """Run `service` until SIGINT or SIGTERM, which start its graceful shutdown."""
+    service_logging()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await service(stop)
+
+    asyncio.run(main())
 
 
 def service_logging() -> None:
@@ -178,7 +199,7 @@ class HealthServer:
     def start_for(
         cls,
         settings: Settings,
-        service: Service,
+        service: ServiceName,
         registry: CollectorRegistry,
         checks: Callable[[], dict[str, bool]],
     ) -> HealthServer:

@@ -48,9 +48,6 @@ from gateway.topics import MQTT_TELEMETRY_FILTER, Topics
 from simulators.bench.processes import usage
 from simulators.fleet import FleetTraffic, build_fleet
 
-# iotgw_N: `iotgw run bridge --workers N`.
-RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2", "iotgw_3")
-DEFAULT_RUNS = ("raw_pipe", "naive_bridge", "iotgw_1", "iotgw_2")
 DEVICES = 100
 PUBLISHERS = 10
 # A subject that has not finished its drain by then is reported as behind.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import Settings
-from simulators.bench.harness import DEFAULT_RUNS
+from simulators.bench import DEFAULT_RUNS
 
 pytestmark = pytest.mark.integration
 
