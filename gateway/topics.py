@@ -1,11 +1,38 @@
-"""The one place that names the Kafka topics, under a configurable prefix."""
+"""The one place that names topics: Kafka's (under a configurable prefix) and MQTT's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+__all__ = [
+    "MQTT_TELEMETRY_FILTER",
+    "TopicSpec",
+    "Topics",
+    "commands_topic",
+    "telemetry_device_id",
+    "telemetry_topic",
+]
+
 # The devices' telemetry on MQTT (DESIGN.md, "MQTT"), as the bridge subscribes to it.
 MQTT_TELEMETRY_FILTER = "devices/+/telemetry"
+
+
+def telemetry_topic(device_id: str) -> str:
+    """Where a device publishes its readings."""
+    return f"devices/{device_id}/telemetry"
+
+
+def commands_topic(device_id: str) -> str:
+    """Where a device receives commands (the rules engine's `mqtt_command` actions)."""
+    return f"devices/{device_id}/commands"
+
+
+def telemetry_device_id(topic: str) -> str | None:
+    """The `{device_id}` of `devices/{device_id}/telemetry`, if the topic has that form."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
+        return parts[1]
+    return None
 
 
 @dataclass(frozen=True)

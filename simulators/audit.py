@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import kafka_connection, topic_partitions
+from gateway.adapters.kafka import read_topic
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -91,30 +91,11 @@ async def read_since(
 ) -> list[Any]:
     """Every record of `topic` from `since_ms` to its end offsets at the time of the call
     (of committed transactions only with `committed_only`)."""
-    partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(
-        **kafka_connection(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed" if committed_only else "read_uncommitted",
-    )
-    await consumer.start()
     records: list[Any] = []
-    try:
-        consumer.assign(partitions)
-        end = await consumer.end_offsets(partitions)
-        starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
-        for tp in partitions:
-            found = starts.get(tp)
-            consumer.seek(tp, found.offset if found is not None else end[tp])
-        pending = {tp for tp in partitions if await consumer.position(tp) < end[tp]}
-        while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=1000)
-            for tp, batch in batches.items():
-                records.extend(r for r in batch if r.offset < end[tp])
-            pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
-    finally:
-        await consumer.stop()
-    return records
+    end = await read_topic(
+        settings, topic, records.extend, committed_only=committed_only, since_ms=since_ms
+    )
+    return [r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)]]
 
 
 def _key_of(value: bytes, device_id: str | None) -> Key | None:

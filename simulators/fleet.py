@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.topics import telemetry_topic
 from schemas import Device, DeviceType
 from simulators.models import MODELS, DeviceModel
 
@@ -172,7 +173,7 @@ class FleetTraffic:
         if self.batch_size > 1:
             readings = [self._reading(device, now) for _ in range(self.batch_size)]
             sent = [Sent(device.device_id, r["seq"], r["ts"], None) for r in readings]
-            return [Message(_topic(device.device_id), json.dumps(readings).encode(), sent)]
+            return [Message(telemetry_topic(device.device_id), json.dumps(readings).encode(), sent)]
         return [self._single(device, now, None)]
 
     def _draw_fault(self) -> str | None:
@@ -215,8 +216,4 @@ class FleetTraffic:
         if fault == "malformed":
             payload = payload[: len(payload) // 2]
         sent = Sent(device_id, reading["seq"], reading["ts"], fault)
-        return Message(_topic(device_id), payload, [sent])
-
-
-def _topic(device_id: str) -> str:
-    return f"devices/{device_id}/telemetry"
+        return Message(telemetry_topic(device_id), payload, [sent])

@@ -1,15 +1,17 @@
-"""Kafka adapters: the one producer factory, an admin session, and topic creation."""
+"""Kafka adapters: the producer and consumer factories, reading a topic to its end, admin
+sessions, topic creation, and which errors retrying cannot fix."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -81,6 +83,23 @@ def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
+
+
+def create_consumer(
+    settings: Settings, *topics: str, committed_only: bool = False, **overrides: Any
+) -> AIOKafkaConsumer:
+    """The consumer every part of iotgw uses: the configured Kafka, no automatic commits
+    (a service commits what it has done), from the earliest offset of a new group;
+    subscribed to `topics` when given, else to be assigned partitions. `committed_only`
+    reads committed transactions only (the rules engine's alerts and state)."""
+    options: dict[str, Any] = {
+        **kafka_connection(settings),
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed" if committed_only else "read_uncommitted",
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
 
 
 Startable = TypeVar("Startable", AIOKafkaProducer, AIOKafkaConsumer)
@@ -177,6 +196,72 @@ def _has_leaders(described: dict[str, Any] | None) -> bool:
         and bool(described["partitions"])
         and all(p["leader"] >= 0 for p in described["partitions"])
     )
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer,
+    apply: Callable[[list[ConsumerRecord[bytes, bytes]]], None],
+    *,
+    idle_timeout_s: float,
+) -> dict[TopicPartition, int]:
+    """Hand `apply` every record of the consumer's assigned partitions from their positions
+    to their end offsets at the time of the call (and what comes with the last batches),
+    then return those end offsets. Fails with TimeoutError only when nothing arrives for
+    `idle_timeout_s`, however long the topic."""
+    partitions = sorted(consumer.assignment())
+    end: dict[TopicPartition, int] = await asyncio.wait_for(
+        consumer.end_offsets(partitions), idle_timeout_s
+    )
+    pending = {tp for tp in partitions if await consumer.position(tp) < end[tp]}
+    last_progress = time.monotonic()
+    while pending:
+        batches = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
+        for records in batches.values():
+            apply(records)
+        if batches:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > idle_timeout_s:
+            raise TimeoutError
+        pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
+    return end
+
+
+async def read_topic(
+    settings: Settings,
+    topic: str,
+    apply: Callable[[list[ConsumerRecord[bytes, bytes]]], None],
+    *,
+    committed_only: bool = False,
+    since_ms: int | None = None,
+) -> dict[TopicPartition, int]:
+    """Read `topic` from its beginning (or from the first record at or after `since_ms`)
+    to its end offsets at the time of the call; returns those end offsets."""
+    partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
+    consumer = await started(create_consumer(settings, committed_only=committed_only), settings)
+    try:
+        consumer.assign(partitions)
+        if since_ms is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+            ends = await consumer.end_offsets(partitions)
+            for tp in partitions:
+                found = starts.get(tp)
+                consumer.seek(tp, found.offset if found is not None else ends[tp])
+        return await read_to_end(consumer, apply, idle_timeout_s=settings.timeout_s)
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """The end offset of each partition of `topic` now."""
+    partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
+    consumer = await started(create_consumer(settings), settings)
+    try:
+        offsets: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    return offsets
 
 
 async def consumer_lag(consumer: AIOKafkaConsumer) -> int:

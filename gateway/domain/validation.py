@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
 from gateway.domain.ratelimit import RateLimiter
+from gateway.topics import telemetry_device_id
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
 
@@ -60,14 +61,6 @@ class Rejected:
 Outcome = Accepted | Rejected
 
 
-def topic_device_id(topic: str) -> str | None:
-    """The `{device_id}` of `devices/{device_id}/telemetry`, if the topic has that form."""
-    parts = topic.split("/")
-    if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
-        return parts[1]
-    return None
-
-
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_url=False, include_input=False)[0]
     # The union's tag (e.g. "thermostat") leads every location; the field path is enough.
@@ -108,7 +101,7 @@ class ReadingValidator:
         def reject(device_id: str | None, reason: Reason, detail: str, original: bytes) -> Rejected:
             return Rejected(device_id, reason, detail[:_DETAIL_MAX], original, topic, received_at)
 
-        device_id = topic_device_id(topic)
+        device_id = telemetry_device_id(topic)
         if device_id is None or not is_device_id(device_id):
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]

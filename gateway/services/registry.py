@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -15,9 +14,10 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from gateway.adapters.kafka import (
+    create_consumer,
     create_producer,
     describe_kafka_error,
-    kafka_connection,
+    read_to_end,
     started,
     topic_partitions,
 )
@@ -79,10 +79,8 @@ class DeviceRegistry:
         if self._consumer is not None:
             return
         timeout_s = self._settings.timeout_s
-        self._consumer = consumer = AIOKafkaConsumer(
-            **kafka_connection(self._settings),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        self._consumer = consumer = create_consumer(
+            self._settings,
             request_timeout_ms=int(timeout_s * 1000),
             fetch_max_wait_ms=_FOLLOW_WAIT_MS,
         )
@@ -92,8 +90,7 @@ class DeviceRegistry:
             await asyncio.wait_for(consumer.start(), timeout_s)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
-            end = await asyncio.wait_for(consumer.end_offsets(partitions), timeout_s)
-            await self._load(consumer, end, timeout_s)
+            await read_to_end(consumer, self._apply_all, idle_timeout_s=timeout_s)
         except (KafkaError, OSError, TimeoutError) as exc:
             await self.stop()
             raise IotgwError(
@@ -105,27 +102,6 @@ class DeviceRegistry:
             raise
         self.ready.set()
         self._follower = asyncio.create_task(self._follow(consumer), name="registry-follow")
-
-    async def _load(
-        self, consumer: AIOKafkaConsumer, end: dict[TopicPartition, int], timeout_s: float
-    ) -> None:
-        """Apply records until every partition's position reaches its end offset.
-
-        Fails only when no record arrives for `timeout_s`, however large the registry.
-        """
-        pending = {tp for tp, offset in end.items() if offset > 0}
-        last_progress = time.monotonic()
-        while pending:
-            batches = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
-            for records in batches.values():
-                self._apply_all(records)
-            if batches:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s:
-                raise TimeoutError
-            for tp in list(pending):
-                if await consumer.position(tp) >= end[tp]:
-                    pending.discard(tp)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
         while True:

@@ -8,13 +8,20 @@ import functools
 import json
 import logging
 import time
+from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from gmqtt import Client
 
-from gateway.adapters.kafka import consumer_lag, kafka_connection, started, topic_partitions
+from gateway.adapters.kafka import (
+    consumer_lag,
+    create_consumer,
+    create_producer,
+    read_topic,
+    started,
+)
 from gateway.adapters.mqtt import connect
 from gateway.clock import now_ms
 from gateway.domain.rules import Alert, RuleEngine, RuleState
@@ -22,7 +29,7 @@ from gateway.domain.rules_file import load_rules
 from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import HealthServer, RulesMetrics
 from gateway.settings import Settings
-from gateway.topics import Topics
+from gateway.topics import Topics, commands_topic
 from schemas.rules import Rule, Webhook
 
 log = logging.getLogger(__name__)
@@ -83,23 +90,16 @@ class RulesService:
             await self.registry.start()
             await self._load_states()
             self._producer = await started(
-                AIOKafkaProducer(
-                    **kafka_connection(self.settings),
-                    transactional_id=self.settings.rules_instance_id,
-                    enable_idempotence=True,
-                    acks="all",
-                ),
+                create_producer(self.settings, transactional_id=self.settings.rules_instance_id),
                 self.settings,
             )
             self._mqtt = await self._connect_mqtt()
             self._consumer = await started(
-                AIOKafkaConsumer(
+                create_consumer(
+                    self.settings,
                     self.topics.readings,
-                    **kafka_connection(self.settings),
                     group_id=self.settings.rules_group,
-                    enable_auto_commit=False,
-                    auto_offset_reset="earliest",
-                    isolation_level="read_committed",
+                    committed_only=True,
                 ),
                 self.settings,
             )
@@ -117,36 +117,19 @@ class RulesService:
 
     async def _load_states(self) -> None:
         """Read the compacted state topic to its end (committed records only)."""
-        topic = self.topics.rules_state
-        partitions = [
-            TopicPartition(topic, p) for p in await topic_partitions(self.settings, topic)
-        ]
-        consumer = await started(
-            AIOKafkaConsumer(
-                **kafka_connection(self.settings),
-                enable_auto_commit=False,
-                isolation_level="read_committed",
-            ),
-            self.settings,
+        await read_topic(
+            self.settings, self.topics.rules_state, self._apply_states, committed_only=True
         )
-        try:
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
-            pending = {tp for tp in partitions if await consumer.position(tp) < end[tp]}
-            while pending:
-                for records in (await consumer.getmany(*pending, timeout_ms=1000)).values():
-                    for record in records:
-                        rule_id, _, device_id = record.key.decode().partition("|")
-                        if record.value is None:
-                            self.engine.states.pop((rule_id, device_id), None)
-                        elif rule_id in self.by_id:
-                            self.engine.states[(rule_id, device_id)] = RuleState.from_dict(
-                                json.loads(record.value)
-                            )
-                pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
-        finally:
-            await consumer.stop()
+
+    def _apply_states(self, records: list[Any]) -> None:
+        for record in records:
+            rule_id, _, device_id = record.key.decode().partition("|")
+            if record.value is None:
+                self.engine.states.pop((rule_id, device_id), None)
+            elif rule_id in self.by_id:
+                self.engine.states[(rule_id, device_id)] = RuleState.from_dict(
+                    json.loads(record.value)
+                )
 
     async def _connect_mqtt(self) -> Client:
         client = Client(f"{self.settings.rules_instance_id}-commands")
@@ -225,7 +208,7 @@ class RulesService:
             ):
                 payload = json.dumps(action.mqtt_command.payload).encode()
                 try:
-                    self._mqtt.publish(f"devices/{alert.device_id}/commands", payload, qos=1)
+                    self._mqtt.publish(commands_topic(alert.device_id), payload, qos=1)
                 except OverflowError:
                     self.metrics.action_failures.labels("mqtt_command").inc()
                     log.warning(

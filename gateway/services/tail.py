@@ -8,9 +8,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from gateway.adapters.kafka import kafka_connection, started, topic_partitions
+from gateway.adapters.kafka import create_consumer, started, topic_partitions
 from gateway.settings import Settings
 from gateway.topics import Topics
 
@@ -36,14 +36,7 @@ async def tail(
     topic = Topics(settings.topic_prefix).readings
     ids = await topic_partitions(settings, topic)
     partitions = [TopicPartition(topic, p) for p in ids]
-    consumer = await started(
-        AIOKafkaConsumer(
-            **kafka_connection(settings),
-            enable_auto_commit=False,
-            fetch_max_wait_ms=100,
-        ),
-        settings,
-    )
+    consumer = await started(create_consumer(settings, fetch_max_wait_ms=100), settings)
     shown = 0
     try:
         consumer.assign(partitions)

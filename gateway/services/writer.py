@@ -20,9 +20,9 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from gateway.adapters.influx import influx_reason
 from gateway.adapters.kafka import (
     consumer_lag,
+    create_consumer,
     create_producer,
     describe_kafka_error,
-    kafka_connection,
     started,
 )
 from gateway.clock import now_ms
@@ -31,7 +31,7 @@ from gateway.errors import IotgwError
 from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import HealthServer, WriterMetrics
 from gateway.settings import Settings
-from gateway.topics import Topics
+from gateway.topics import Topics, telemetry_topic
 from schemas import Device
 
 log = logging.getLogger(__name__)
@@ -182,17 +182,15 @@ class Writer:
             await self._ensure_database()
             self._producer = await started(create_producer(self.settings), self.settings)
             self._consumer = await started(
-                AIOKafkaConsumer(
+                create_consumer(
+                    self.settings,
                     self.topics.readings,
                     self.topics.alerts,
                     self.topics.dead_letters,
-                    **kafka_connection(self.settings),
                     group_id=self.settings.writer_group,
-                    enable_auto_commit=False,
-                    auto_offset_reset="earliest",
                     max_poll_records=self.settings.writer_batch_size,
                     # Alerts are written in transactions: only committed ones are points.
-                    isolation_level="read_committed",
+                    committed_only=True,
                     request_timeout_ms=int(self.settings.timeout_s * 1000) + 30_000,
                 ),
                 self.settings,
@@ -365,7 +363,7 @@ class Writer:
         headers = [
             ("error", reason.encode()),
             ("detail", detail[:300].encode()),
-            ("mqtt_topic", f"devices/{device_id}/telemetry".encode()),
+            ("mqtt_topic", telemetry_topic(device_id).encode()),
             ("received_at", str(now_ms()).encode()),
             ("source_topic", record.topic.encode()),
         ]

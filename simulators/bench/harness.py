@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
@@ -38,7 +38,7 @@ from rich.table import Table
 from devstack.installer import ensure_debian_packages, ensure_kafka, kafka_version
 from devstack.stack import LOCAL_TEMPLATES
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import ensure_topics, kafka_admin, kafka_connection, topic_partitions
+from gateway.adapters.kafka import create_consumer, ensure_topics, kafka_admin, topic_partitions
 from gateway.adapters.mqtt import publish_in_window
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
@@ -119,11 +119,7 @@ class Watch:
         self.settings, self.topic = settings, topic
         self.arrived: dict[tuple[str, int], float] = {}
         self.records = 0
-        self._consumer = AIOKafkaConsumer(
-            **kafka_connection(settings),
-            enable_auto_commit=False,
-            fetch_max_wait_ms=5,
-        )
+        self._consumer = create_consumer(settings, fetch_max_wait_ms=5)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Watch:

@@ -23,10 +23,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import ensure_topics, kafka_connection, settings_admin, topic_partitions
+from gateway.adapters.kafka import (
+    create_consumer,
+    end_offsets,
+    ensure_topics,
+    settings_admin,
+    topic_partitions,
+)
 from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
@@ -53,12 +59,7 @@ class LatencyWatch:
         self.expected = 0
         self.caught_up = asyncio.Event()
         self.window: list[float] = []
-        self._consumer = AIOKafkaConsumer(
-            **kafka_connection(settings),
-            enable_auto_commit=False,
-            fetch_max_wait_ms=5,
-            auto_offset_reset="earliest",
-        )
+        self._consumer = create_consumer(settings, fetch_max_wait_ms=5)
 
     async def run(self) -> None:
         topic = Topics(self.settings.topic_prefix).readings
@@ -87,14 +88,10 @@ async def writer_lag(settings: Settings) -> int:
     topic = Topics(settings.topic_prefix).readings
     async with settings_admin(settings) as admin:
         committed = await admin.list_consumer_group_offsets(settings.writer_group)
-    consumer = AIOKafkaConsumer(**kafka_connection(settings))
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
-        end = await consumer.end_offsets(partitions)
-    finally:
-        await consumer.stop()
-    return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+    end = await end_offsets(settings, topic)
+    return sum(
+        offset - (committed[tp].offset if tp in committed else 0) for tp, offset in end.items()
+    )
 
 
 async def _started(log: Path, marker: str) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.validation import Accepted, ReadingValidator, Reason, Rejected, topic_device_id
+from gateway.domain.validation import Accepted, ReadingValidator, Reason, Rejected
+from gateway.topics import telemetry_device_id
 from schemas import Device, DeviceType
 
 pytestmark = pytest.mark.unit
@@ -196,6 +197,6 @@ def test_flooding_device_is_rate_limited_alone() -> None:
         ("x/t1/telemetry", None),
     ],
 )
-def test_topic_device_id(topic: str, device_id: str | None) -> None:
+def test_telemetry_device_id(topic: str, device_id: str | None) -> None:
     """Only devices/{id}/telemetry names a device."""
-    assert topic_device_id(topic) == device_id
+    assert telemetry_device_id(topic) == device_id

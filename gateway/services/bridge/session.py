@@ -26,7 +26,7 @@ from gateway.errors import IotgwError
 from gateway.services.bridge.worker import read_frame, write_frame
 from gateway.services.runtime import BridgeMetrics, HealthServer
 from gateway.settings import Settings
-from gateway.topics import MQTT_TELEMETRY_FILTER
+from gateway.topics import MQTT_TELEMETRY_FILTER, telemetry_device_id
 
 __all__ = ["DRAIN_TIMEOUT_S", "Bridge"]
 
@@ -41,8 +41,7 @@ _WORKER_EXIT_S = 2.0
 def owner(topic: str, workers: int) -> int:
     """The worker that owns the device of `devices/{device_id}/telemetry`: a stable hash
     of the id, the same in every process and after every restart."""
-    parts = topic.split("/", 2)
-    device = parts[1] if len(parts) == 3 else topic
+    device = telemetry_device_id(topic) or topic
     return zlib.crc32(device.encode()) % workers
 
 
