@@ -120,18 +120,12 @@ async def _influx_keys(settings: Settings, log: SendLog) -> Counter[Key]:
         str(settings.influx_url), timeout_s=60, auth=settings.influx_auth
     ) as influx:
         try:
-            results = await influx.query(query, db=settings.influx_db)
+            found = await influx.rows(query, db=settings.influx_db)
         except IotgwError as exc:
             if "database not found" in str(exc):
                 return Counter()
             raise
-    return Counter(
-        (row[2], int(row[1]))
-        for result in results
-        for series in result.get("series", [])
-        for row in series["values"]
-        if row[1] is not None
-    )
+    return Counter((row[2], int(row[1])) for row in found if row[1] is not None)
 
 
 async def audit(settings: Settings, log: SendLog) -> AuditReport:

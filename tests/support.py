@@ -217,10 +217,7 @@ async def produce(
 async def influx_rows(settings: Settings, query: str) -> list[list[Any]]:
     """The rows of every series an InfluxQL query returns from the settings' database."""
     async with InfluxClient(str(settings.influx_url), auth=settings.influx_auth) as influx:
-        results = await influx.query(query, db=settings.influx_db)
-    return [
-        row for result in results for series in result.get("series", []) for row in series["values"]
-    ]
+        return await influx.rows(query, db=settings.influx_db)
 
 
 async def influx_count(settings: Settings, measurement: str, field: str = "seq") -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters.mqtt import tls_context
+from gateway.domain.backoff import Backoff
 from gateway.errors import IotgwError
 from gateway.settings import MqttEndpoint
 from schemas.reading import MAX_PAYLOAD_BYTES
@@ -59,8 +60,7 @@ _DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection: the session is kept
 KEPT_PAYLOAD_BYTES = MAX_PAYLOAD_BYTES
 _MAX_PROPERTIES_BYTES = 64 * 1024
 # Reconnect at once, then back off to this; a bridge away is a backlog growing.
-_RECONNECT_FIRST_S = 0.2
-_RECONNECT_MAX_S = 5.0
+_RECONNECT = Backoff(first=0.2, cap=5.0)
 
 # The byte width of each property's value, by identifier; -1 a UTF-8 string or binary
 # data (two-byte length), -2 a string pair, 0 a variable byte integer (section 2.2.2.2).
@@ -341,7 +341,7 @@ class MqttSession:
     async def run(self) -> None:
         """Reconnect whenever the connection is lost, until `close()`. A refusal retrying
         cannot fix (a revoked login, a forbidden subscription) ends it with RefusedError."""
-        delay = _RECONNECT_FIRST_S
+        failures = 0
         while True:
             await self._lost.wait()
             if self._closing:
@@ -350,13 +350,14 @@ class MqttSession:
                 raise self._refused
             try:
                 await self._connect_once(first=False)
-                delay = _RECONNECT_FIRST_S
+                failures = 0
             except IotgwError as exc:
                 if isinstance(exc, RefusedError) and exc.permanent:
                     raise
+                delay = _RECONNECT.delay(failures)
+                failures += 1
                 log.warning("event=mqtt_reconnect_failed error=%r retry_in_s=%s", str(exc), delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_S)
 
     def stop_reading(self) -> None:
         """Take no more messages (shutdown): the broker keeps them for the next session."""

@@ -6,12 +6,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
+from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
 from gateway.topics import telemetry_device_id
 from schemas import Device, is_device_id
@@ -20,21 +20,6 @@ from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
-_DETAIL_MAX = 300
-
-
-class Reason(StrEnum):
-    """Why a reading went to the dead-letter topic (its `error` header)."""
-
-    MALFORMED = "malformed"
-    TOO_LARGE = "too_large"
-    SCHEMA = "schema"
-    ID_MISMATCH = "id_mismatch"
-    UNKNOWN_DEVICE = "unknown_device"
-    DEVICE_DISABLED = "device_disabled"
-    TYPE_MISMATCH = "type_mismatch"
-    CLOCK_SKEW = "clock_skew"
-    RATE_LIMITED = "rate_limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +84,7 @@ class ReadingValidator:
         `payload` holds only its first bytes (a message too large to keep whole)."""
 
         def reject(device_id: str | None, reason: Reason, detail: str, original: bytes) -> Rejected:
-            return Rejected(device_id, reason, detail[:_DETAIL_MAX], original, topic, received_at)
+            return Rejected(device_id, reason, detail[:DETAIL_MAX], original, topic, received_at)
 
         device_id = telemetry_device_id(topic)
         if device_id is None or not is_device_id(device_id):

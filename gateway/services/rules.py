@@ -24,6 +24,7 @@ from gateway.adapters.kafka import (
 )
 from gateway.adapters.mqtt import connect
 from gateway.clock import now_ms
+from gateway.domain.backoff import Backoff
 from gateway.domain.rules import Alert, RuleEngine, RuleState
 from gateway.domain.rules_file import load_rules
 from gateway.services.registry import DeviceRegistry
@@ -35,7 +36,7 @@ from schemas.rules import Rule, Webhook
 log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
-_WEBHOOK_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+_WEBHOOK_BACKOFF = Backoff(first=0.5, cap=8.0)
 
 
 def state_key(rule_id: str, device_id: str) -> bytes:
@@ -246,7 +247,7 @@ class RulesService:
             except httpx.HTTPError as exc:
                 reason = str(exc) or type(exc).__name__
             if attempt < webhook.retries:
-                await asyncio.sleep(_WEBHOOK_BACKOFF_S[min(attempt, len(_WEBHOOK_BACKOFF_S) - 1)])
+                await asyncio.sleep(_WEBHOOK_BACKOFF.delay(attempt))
         self.metrics.action_failures.labels("webhook").inc()
         log.warning("event=webhook_failed url=%s rule=%s error=%s", webhook.url, alert.rule, reason)
 

@@ -13,11 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from gateway.adapters.influx import influx_reason
+from gateway.adapters.influx import InfluxClient, InfluxError
 from gateway.adapters.kafka import (
     consumer_lag,
     create_consumer,
@@ -26,6 +25,8 @@ from gateway.adapters.kafka import (
     started,
 )
 from gateway.clock import now_ms
+from gateway.domain.backoff import Backoff
+from gateway.domain.deadletters import Reason, dead_letter_headers
 from gateway.domain.lineprotocol import LineProtocolError, point, series_key
 from gateway.errors import IotgwError
 from gateway.services.registry import DeviceRegistry
@@ -36,8 +37,7 @@ from schemas import Device
 
 log = logging.getLogger(__name__)
 
-INFLUX_REJECTED = "influx_rejected"
-_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+_BACKOFF = Backoff(first=0.5, cap=15.0)
 # How often the writer records its own lag and progress in InfluxDB (for the dashboards).
 _STATS_INTERVAL_S = 10.0
 
@@ -154,8 +154,8 @@ class Writer:
         self.encoder = PointEncoder(self.topics, self.registry.get)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._http = httpx.AsyncClient(
-            base_url=str(settings.influx_url), timeout=settings.timeout_s, auth=settings.influx_auth
+        self._influx = InfluxClient(
+            str(settings.influx_url), timeout_s=settings.timeout_s, auth=settings.influx_auth
         )
         self._influx_ok = False
         self._buffer: list[Any] = []
@@ -221,27 +221,32 @@ class Writer:
         db = self.settings.influx_db
         for attempt in itertools.count():
             try:
-                response = await self._http.post("/query", params={"q": f'CREATE DATABASE "{db}"'})
-                if response.status_code == 403:
-                    response = await self._http.get("/query", params={"q": "SHOW DATABASES"})
-                    if response.status_code == 200 and [db] in _series_values(response):
+                await self._influx.create_database(db)
+                self._influx_ok = True
+                return
+            except InfluxError as exc:
+                if exc.status == 403:
+                    if db in await self._visible_databases():
                         self._influx_ok = True
                         return
                     raise IotgwError(
                         f"InfluxDB has no database {db} and user {self.settings.influx_username} "
                         "may not create it: create it, or grant the user access to it"
-                    )
-                if response.status_code == 200:
-                    self._influx_ok = True
-                    return
-                reason = f"HTTP {response.status_code}: {influx_reason(response)[:200]}"
-                if response.status_code < 500:
-                    raise IotgwError(f"InfluxDB refused to create the database: {reason}")
-            except httpx.HTTPError as exc:
-                reason = str(exc) or type(exc).__name__
-            delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+                    ) from None
+                if not exc.retriable:
+                    raise IotgwError(
+                        f"InfluxDB refused to create the database: {exc.reason[:200]}"
+                    ) from None
+                reason = exc.reason
+            delay = _BACKOFF.delay(attempt)
             log.warning("event=influx_unavailable error=%s retry_in_s=%s", reason, delay)
             await asyncio.sleep(delay)
+
+    async def _visible_databases(self) -> list[str]:
+        try:
+            return await self._influx.databases()
+        except InfluxError:
+            return []
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         flush_s = self.settings.writer_flush_interval_s
@@ -281,7 +286,7 @@ class Writer:
             try:
                 encoded.append(self.encoder.encode(record))
             except (LineProtocolError, ValueError, KeyError, TypeError) as exc:
-                await self._dead_letter(record, "malformed", f"cannot be a point: {exc}")
+                await self._dead_letter(record, Reason.MALFORMED, f"cannot be a point: {exc}")
         await self._write(consumer, encoded)
         offsets: dict[TopicPartition, int] = {}
         for record in records:
@@ -311,15 +316,16 @@ class Writer:
     async def _post(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
         """POST the points until InfluxDB answers 2xx (returns) or 4xx (WriteRejected)."""
         body = "\n".join(p.line for p in points).encode()
-        params = {"db": self.settings.influx_db, "precision": "ms"}
         attempt = 0
         while True:
             started = time.monotonic()
             try:
-                response = await self._http.post("/write", params=params, content=body)
-                status, reason = response.status_code, influx_reason(response)
-            except httpx.HTTPError as exc:
-                status, reason = 0, str(exc) or type(exc).__name__
+                await self._influx.write(self.settings.influx_db, body)
+                status, reason = 204, ""
+            except InfluxError as exc:
+                if not exc.retriable:
+                    raise WriteRejected(exc.status, exc.reason) from None
+                status, reason = exc.status, exc.reason
             if 200 <= status < 300:
                 self._influx_ok = True
                 self.metrics.write_seconds.observe(time.monotonic() - started)
@@ -332,10 +338,8 @@ class Writer:
                     self.metrics.paused.set(0)
                     log.info("event=influx_recovered attempts=%d", attempt)
                 return
-            if 400 <= status < 500 and status != 429:
-                raise WriteRejected(status, reason)
             self._influx_ok = False
-            delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            delay = _BACKOFF.delay(attempt)
             log.warning(
                 "event=influx_write_failed status=%s error=%s points=%d retry_in_s=%s",
                 status or "none", reason[:200], len(points), delay,
@@ -355,22 +359,18 @@ class Writer:
             # A dead letter's own point was refused: log it, never loop it back.
             log.error("event=rejected_point_refused offset=%d error=%s", record.offset, reason)
             return
-        await self._dead_letter(record, INFLUX_REJECTED, reason)
+        await self._dead_letter(record, Reason.INFLUX_REJECTED, reason)
 
-    async def _dead_letter(self, record: Any, reason: str, detail: str) -> None:
+    async def _dead_letter(self, record: Any, reason: Reason, detail: str) -> None:
         assert self._producer is not None
         device_id = record.key.decode(errors="replace") if record.key else ""
-        headers = [
-            ("error", reason.encode()),
-            ("detail", detail[:300].encode()),
-            ("mqtt_topic", telemetry_topic(device_id).encode()),
-            ("received_at", str(now_ms()).encode()),
-            ("source_topic", record.topic.encode()),
-        ]
+        headers = dead_letter_headers(
+            reason, detail, telemetry_topic(device_id), now_ms(), source_topic=record.topic
+        )
         await self._producer.send_and_wait(
             self.topics.dead_letters, record.value, key=record.key, headers=headers
         )
-        self.metrics.dead_letters.labels(reason).inc()
+        self.metrics.dead_letters.labels(reason.value).inc()
         log.warning(
             "event=dead_letter reason=%s device_id=%s detail=%s", reason, device_id, detail[:200]
         )
@@ -388,12 +388,8 @@ class Writer:
             {"lag": self._lag, "points_written": self._written},
             now_ms(),
         )
-        with contextlib.suppress(httpx.HTTPError):
-            await self._http.post(
-                "/write",
-                params={"db": self.settings.influx_db, "precision": "ms"},
-                content=line.encode(),
-            )
+        with contextlib.suppress(InfluxError):
+            await self._influx.write(self.settings.influx_db, line)
 
     async def _shutdown(self) -> None:
         if self._consumer is not None:
@@ -405,21 +401,7 @@ class Writer:
                 await asyncio.wait_for(self._producer.stop(), 5)
             self._producer = None
         await self.registry.stop()
-        await self._http.aclose()
+        await self._influx.close()
         if self.health is not None:
             self.health.stop()
         log.info("event=writer_stopped points_written=%d", self._written)
-
-
-def _series_values(response: httpx.Response) -> list[list[Any]]:
-    """The rows of every series of an InfluxQL answer (none if it is not one)."""
-    try:
-        results = response.json().get("results", [])
-    except (ValueError, AttributeError):
-        return []
-    return [
-        row
-        for result in results
-        for series in result.get("series", [])
-        for row in series.get("values", [])
-    ]

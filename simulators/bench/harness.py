@@ -371,12 +371,10 @@ async def writer_points_per_s(settings: Settings, expected: int, logs: Path) -> 
         async with InfluxClient(str(settings.influx_url)) as influx:
             while time.perf_counter() - started < 120:
                 try:
-                    results = await influx.query(
+                    found = await influx.rows(
                         'SELECT count("seq") FROM /.*/', db=settings.influx_db
                     )
-                    count = sum(
-                        int(s["values"][0][1]) for r in results for s in r.get("series", [])
-                    )
+                    count = sum(int(row[1]) for row in found)
                 except IotgwError:
                     count = 0
                 if count >= expected:

@@ -76,12 +76,12 @@ async def fill(settings: Settings, count: int) -> None:
 async def points(settings: Settings) -> int:
     async with InfluxClient(str(settings.influx_url)) as influx:
         try:
-            results = await influx.query(
+            found = await influx.rows(
                 'SELECT count("seq") FROM /^(thermostat|motion|smart_plug)$/', db=settings.influx_db
             )
         except IotgwError:  # the writer has not created the database yet
             return 0
-    return sum(int(s["values"][0][1]) for r in results for s in r.get("series", []))
+    return sum(int(row[1]) for row in found)
 
 
 async def bench(count: int) -> dict[str, Any]:

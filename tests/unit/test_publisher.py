@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
-from gateway.domain.validation import Accepted, Outcome, Reason, Rejected
+from gateway.domain.deadletters import Reason
+from gateway.domain.validation import Accepted, Outcome, Rejected
 from gateway.services.bridge.publisher import KafkaPublisher, PublishError
 from gateway.topics import Topics
 

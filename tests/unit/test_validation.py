@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from gateway.domain.deadletters import Reason
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.validation import Accepted, ReadingValidator, Reason, Rejected
+from gateway.domain.validation import Accepted, ReadingValidator, Rejected
 from gateway.topics import telemetry_device_id
 from schemas import Device, DeviceType
 

@@ -16,7 +16,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.adapters.kafka import describe_kafka_error, is_fatal
-from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome, Rejected
+from gateway.domain.backoff import Backoff
+from gateway.domain.deadletters import Headers, dead_letter_headers
+from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome
 from gateway.errors import IotgwError
 from gateway.topics import Topics
 
@@ -24,13 +26,11 @@ __all__ = ["KafkaPublisher", "PublishError", "PublishStats"]
 
 log = logging.getLogger(__name__)
 
-RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+RETRY_BACKOFF = Backoff(first=0.1, cap=5.0)
 # One Kafka request carries up to this many bytes of one partition's records.
 BATCH_BYTES = 512 * 1024
 # Keys whose partition is remembered (a device's partition never changes).
 _PARTITION_CACHE = 100_000
-
-Headers = list[tuple[str, bytes]]
 
 
 class PublishError(IotgwError):
@@ -140,7 +140,10 @@ class KafkaPublisher:
             else:
                 topic = self._dead_letters
                 key = outcome.device_id.encode() if outcome.device_id else None
-                value, headers = outcome.original, dead_letter_headers(outcome)
+                value = outcome.original
+                headers = dead_letter_headers(
+                    outcome.reason, outcome.detail, outcome.mqtt_topic, outcome.received_at
+                )
             lane = self._lane(topic, key)
             lane.records.append(_Record(key, value, headers, message, outcome))
             self._make_ready(lane)
@@ -241,7 +244,7 @@ class KafkaPublisher:
             self._fatal = PublishError(f"Kafka refused records for {lane.topic} for good: {error}")
             self._wakeup.set()
             return
-        delay = RETRY_BACKOFF_S[min(lane.failures, len(RETRY_BACKOFF_S) - 1)]
+        delay = RETRY_BACKOFF.delay(lane.failures)
         log.warning(
             "event=kafka_send_failed topic=%s partition=%d records=%d error=%r retry_in_s=%s",
             lane.topic,
@@ -259,13 +262,3 @@ class KafkaPublisher:
     def _retry(self, lane: _Lane) -> None:
         lane.waiting = False
         self._make_ready(lane)
-
-
-def dead_letter_headers(outcome: Rejected) -> Headers:
-    """The headers of a dead letter (DESIGN.md, "Kafka"): why, and where it came from."""
-    return [
-        ("error", outcome.reason.value.encode()),
-        ("detail", outcome.detail.encode()),
-        ("mqtt_topic", outcome.mqtt_topic.encode()),
-        ("received_at", str(outcome.received_at).encode()),
-    ]
