@@ -14,9 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -35,6 +32,7 @@ from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
 from simulators.audit import SendLog, audit_until_settled, read_since
 from simulators.fleet import DEMO_FAULTS, parse_faults
+from simulators.processes import ServiceProcess
 from simulators.runner import audit_table, run_simulation
 
 DEMO_RULES = Path(__file__).with_name("demo-rules.yaml")
@@ -85,44 +83,19 @@ class ServiceFigures:
         return rows
 
 
-def start_services(log: Path) -> tuple[subprocess.Popen[bytes], ServiceFigures]:
-    """`iotgw run all` in the background; waits until the services say they started."""
+async def start_services(settings: Settings, log: Path) -> tuple[ServiceProcess, ServiceFigures]:
+    """`iotgw run all` in the background, once all three services are ready."""
     # Short durations, so that a one-minute run fires every kind of rule.
-    env = {**os.environ}
-    env.setdefault("IOTGW_RULES_FILE", str(DEMO_RULES))
-    # A fresh log: the start lines of an earlier run must not be taken for this one's.
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "all"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-    deadline = time.monotonic() + 60
-    urls: dict[str, str] = {}
-    while len(urls) < 3:
-        if process.poll() is not None:
-            raise IotgwError(f"the services exited; see {log}")
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise IotgwError(f"the services did not start within 60 s; see {log}")
-        for service, url in re.findall(
-            r"event=(bridge|writer|rules)_started .*metrics=(\S+)", log.read_text()
-        ):
-            urls[service] = url
-        time.sleep(0.2)
-    return process, ServiceFigures(urls["bridge"], urls["writer"])
-
-
-def stop_services(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
+    if "IOTGW_RULES_FILE" not in os.environ:
+        settings = settings.model_copy(update={"rules_file": DEMO_RULES})
+    services = ServiceProcess("all", settings, log).start()
     try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        await services.ready()
+    except IotgwError:
+        services.kill()
+        raise
+    bridge, writer, _ = services.urls
+    return services, ServiceFigures(f"{bridge}/metrics", f"{writer}/metrics")
 
 
 async def alerts_table(settings: Settings, since_ms: int) -> Table:
@@ -171,7 +144,7 @@ async def demo(devices: int, duration: float, rate: float) -> int:
     logs = DEFAULT_STACK_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     say(f"starting the bridge, the writer and the rules engine (log: {logs / 'demo-services.log'})")
-    services, figures = start_services(logs / "demo-services.log")
+    services, figures = await start_services(settings, logs / "demo-services.log")
     sent_log = DEFAULT_STACK_DIR / "demo-readings.jsonl"
     started_ms = now_ms()
     try:
@@ -191,7 +164,7 @@ async def demo(devices: int, duration: float, rate: float) -> int:
         console.print(audit_table(report))
         console.print(await alerts_table(settings, started_ms))
     finally:
-        stop_services(services)
+        services.stop()
     next_steps(settings)
     return 1 if report.lost else 0
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -42,20 +40,6 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str = "co
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment of an iotgw process configured exactly like `settings`."""
     return {**os.environ, **settings.environment()}
-
-
-def start_service(
-    service: str, settings: Settings, log: Path, *options: str
-) -> subprocess.Popen[bytes]:
-    """`iotgw run SERVICE [OPTIONS]` as its own process with `settings`, its output
-    appended to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", service, *options],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=service_env(settings),
-        )
 
 
 async def own_settings(base: Settings, **overrides: Any) -> Settings:

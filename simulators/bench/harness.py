@@ -45,8 +45,8 @@ from gateway.errors import IotgwError
 from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.topics import MQTT_TELEMETRY_FILTER, Topics
-from simulators.bench.processes import usage
 from simulators.fleet import FleetTraffic, build_fleet
+from simulators.processes import ServiceProcess, usage
 
 DEVICES = 100
 PUBLISHERS = 10
@@ -181,8 +181,10 @@ class Subject:
     logs: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def env(self, client_id: str) -> dict[str, str]:
-        return {**os.environ, **unlimited(self.settings, client_id, 900).environment()}
+    @property
+    def measured(self) -> Settings:
+        """The subject's settings: its own session, no rate limit."""
+        return unlimited(self.settings, self.client_id, 900)
 
     @property
     def client_id(self) -> str:
@@ -215,21 +217,17 @@ class Subject:
             sub.stdout.close()
             self.processes = [sub, producer]
             await asyncio.sleep(3)  # neither says when it is ready: the JVM starts in ~2 s
-        else:
-            if self.name == "naive_bridge":
-                command = ["simulators.bench.baselines.naive_bridge"]
-            else:
-                workers = self.name.removeprefix("iotgw_")
-                command = ["gateway", "run", "bridge", "--workers", workers]
-            marker = "naive_bridge_started" if self.name == "naive_bridge" else "bridge_started"
+        elif self.name == "naive_bridge":
+            # The baseline has no health endpoint: it says when it has connected.
+            marker = "event=naive_bridge_started"
             path = self.logs / f"{self.name}.log"
             before = path.read_text().count(marker) if path.exists() else 0
             self.processes = [
                 subprocess.Popen(
-                    [sys.executable, "-m", *command],
+                    [sys.executable, "-m", "simulators.bench.baselines.naive_bridge"],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=self.env(self.client_id),
+                    env={**os.environ, **self.measured.environment()},
                 )
             ]
             deadline = time.monotonic() + 60
@@ -237,8 +235,14 @@ class Subject:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
                     raise IotgwError(f"{self.name} did not start; see {path}")
                 await asyncio.sleep(0.1)
-            if self.name == "naive_bridge":
-                await asyncio.sleep(1.0)  # paho subscribes in its own thread after connecting
+            await asyncio.sleep(1.0)  # paho subscribes in its own thread after connecting
+        else:
+            workers = self.name.removeprefix("iotgw_")
+            bridge = ServiceProcess(
+                "bridge", self.measured, self.logs / f"{self.name}.log", "--workers", workers
+            ).start()
+            self.processes = [bridge.process]
+            await bridge.ready()
         log.close()
 
     def usage(self) -> tuple[float, float]:
@@ -349,22 +353,9 @@ async def measure(
 
 
 async def writer_points_per_s(settings: Settings, expected: int, logs: Path) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOTGW_INFLUX_URL": str(settings.influx_url),
-        "IOTGW_INFLUX_DB": settings.influx_db,
-        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
-        "IOTGW_WRITER_GROUP": f"{settings.topic_prefix}-writer",
-        "IOTGW_METRICS_PORT": "0",
-    }
-    with (logs / "writer.log").open("ab") as log:
-        writer = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "writer"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    group = {"writer_group": f"{settings.topic_prefix}-writer"}
+    writer = ServiceProcess("writer", settings.model_copy(update=group), logs / "writer.log")
+    writer.start()
     started = time.perf_counter()
     count = 0
     try:
@@ -381,8 +372,7 @@ async def writer_points_per_s(settings: Settings, expected: int, logs: Path) -> 
                     break
                 await asyncio.sleep(0.25)
     finally:
-        writer.send_signal(signal.SIGTERM)
-        writer.wait(15)
+        writer.stop()
     seconds = time.perf_counter() - started
     return {"points": count, "seconds": round(seconds, 2), "points_per_s": round(count / seconds)}
 

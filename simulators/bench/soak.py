@@ -14,10 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -43,8 +40,8 @@ from simulators.bench.harness import (
     pregenerate,
     unlimited,
 )
-from simulators.bench.processes import usage
 from simulators.fleet import build_fleet
+from simulators.processes import ServiceProcess, usage
 
 WINDOW_S = 10.0
 
@@ -94,22 +91,10 @@ async def writer_lag(settings: Settings) -> int:
     )
 
 
-async def _started(log: Path, marker: str) -> None:
-    deadline = time.monotonic() + 60
-    while not (log.exists() and marker in log.read_text()):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{marker} not in {log} within 60 s")
-        await asyncio.sleep(0.2)
-
-
-def service(name: str, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def service(name: str, settings: Settings, log: Path) -> ServiceProcess:
     # A short session, removed at the end: a session left behind would go on queueing
     # every reading for a bridge that never comes back.
-    env = {**os.environ, **unlimited(settings, settings.mqtt_client_id, 60).environment()}
-    with log.open("wb") as out:  # a fresh log: its start line is this run's
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", name], stdout=out, stderr=out, env=env
-        )
+    return ServiceProcess(name, unlimited(settings, settings.mqtt_client_id, 60), log).start()
 
 
 async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[str, Any]:
@@ -131,8 +116,8 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
     samples: list[dict[str, Any]] = []
     sent = 0
     try:
-        await _started(out / "soak-bridge.log", "event=bridge_started")
-        await _started(out / "soak-writer.log", "event=writer_started")
+        await bridge.ready()
+        await writer.ready()
         async with Publisher(settings) as publisher:
             watch = LatencyWatch(settings, publisher.sent_at)
             watching = asyncio.create_task(watch.run())
@@ -163,8 +148,7 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
             await asyncio.gather(watching, return_exceptions=True)
     finally:
         for process in (bridge, writer):
-            process.terminate()
-            process.wait(20)
+            process.stop(20)
         await forget_sessions(settings, [settings.mqtt_client_id])
     result = {"rate": rate, "minutes": minutes, "sent": sent, "in_kafka": watch.seen,
               "not_in_kafka": max(0, sent - watch.seen), "samples": samples}  # fmt: skip

@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -28,7 +25,7 @@ from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
-from simulators.bench.processes import usage
+from simulators.processes import ServiceProcess, usage
 
 METRICS: dict[str, dict[str, Any]] = {
     "thermostat": {
@@ -94,32 +91,18 @@ async def bench(count: int) -> dict[str, Any]:
         }
     )
     await fill(settings, count)
-    env = {
-        **os.environ,
-        "IOTGW_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOTGW_INFLUX_URL": str(settings.influx_url),
-        "IOTGW_INFLUX_DB": settings.influx_db,
-        "IOTGW_TOPIC_PREFIX": settings.topic_prefix,
-        "IOTGW_WRITER_GROUP": settings.writer_group,
-        "IOTGW_METRICS_PORT": "0",
-    }
     log = Path(tempfile.mkdtemp(prefix="iotgw-wbench-")) / "writer.log"
     started = time.perf_counter()
-    with log.open("ab") as out:
-        writer = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "writer",
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    writer = ServiceProcess("writer", settings, log).start()
     try:
         while (done := await points(settings)) < count:
-            if writer.returncode is not None:
+            if writer.process.poll() is not None:
                 raise RuntimeError(f"the writer exited; see {log}")
             await asyncio.sleep(0.25)
         seconds = time.perf_counter() - started
         cpu = usage(writer.pid)[0]
     finally:
-        writer.terminate()
-        await asyncio.wait_for(writer.wait(), 15)
+        writer.stop()
         async with InfluxClient(str(settings.influx_url)) as influx:
             await influx.query(f'DROP DATABASE "{settings.influx_db}"', method="POST")
         async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:

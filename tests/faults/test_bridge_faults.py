@@ -7,11 +7,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from devstack import stack
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
-from simulators.bench.processes import process_tree, rss_mb
+from simulators.processes import ServiceProcess, process_tree, rss_mb
 from tests.conftest import stack_settings, unique
 from tests.integration.test_stack import free_ports
 from tests.support import (
@@ -30,31 +29,25 @@ from tests.support import (
     own_settings,
     reading_payload,
     register,
-    start_service,
     until,
 )
 
 pytestmark = pytest.mark.faults
 
 
-@contextmanager
-def bridge_process(
-    settings: Settings, log: Path, *options: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`iotgw run bridge [OPTIONS]` as its own process; killed at the end if still running."""
-    process = start_service("bridge", settings, log, *options)
+@asynccontextmanager
+async def bridge_process(
+    settings: Settings, log: Path, *options: str, ready: bool = True
+) -> AsyncIterator[ServiceProcess]:
+    """`iotgw run bridge [OPTIONS]` as its own process, ready (its /readyz answers) unless
+    `ready` is false; killed at the end if still running."""
+    bridge = ServiceProcess("bridge", settings, log, *options).start()
     try:
-        yield process
+        if ready:
+            await bridge.ready()
+        yield bridge
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
-async def until_started(log: Path, starts: int = 1) -> None:
-    await until(
-        lambda: log.read_text().count("event=bridge_started") >= starts, 30, "bridge started"
-    )
+        bridge.kill()
 
 
 def pid_of(plan: stack.StackPlan, name: str) -> int:
@@ -125,14 +118,12 @@ async def test_kill_9_mid_stream_loses_nothing(settings: Settings, tmp_path: Pat
     log = tmp_path / "bridge.log"
     try:
         async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
-            with bridge_process(s, log) as first:
-                await until_started(log)
+            async with bridge_process(s, log) as first:
                 publishing = asyncio.create_task(stream(s, devices, 2000, rate=400))
                 await readings.wait_for(5000, 60)
-                first.send_signal(signal.SIGKILL)
-                first.wait()
-            with bridge_process(s, log):
-                await until_started(log, starts=2)
+                first.process.send_signal(signal.SIGKILL)
+                first.process.wait()
+            async with bridge_process(s, log):
                 await publishing
                 await all_in_kafka(readings, expected, 90)
         report(readings, expected, "kill -9")
@@ -150,19 +141,17 @@ async def test_sigterm_under_load_exits_within_10_s(settings: Settings, tmp_path
     log = tmp_path / "bridge.log"
     try:
         async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
-            with bridge_process(s, log) as first:
-                await until_started(log)
+            async with bridge_process(s, log) as first:
                 publishing = asyncio.create_task(stream(s, devices, 1500, rate=500))
                 await readings.wait_for(1000, 60)
                 asked = time.monotonic()
-                first.send_signal(signal.SIGTERM)
-                code = await asyncio.to_thread(first.wait, 15)
+                first.process.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(first.process.wait, 15)
                 took = time.monotonic() - asked
             assert code == 0, log.read_text()[-2000:]
             assert took < 10, f"took {took:.1f} s"
             assert "event=bridge_stopped" in log.read_text()
-            with bridge_process(s, log):
-                await until_started(log, starts=2)
+            async with bridge_process(s, log):
                 await publishing
                 await all_in_kafka(readings, expected, 60)
         report(readings, expected, "SIGTERM")
@@ -179,12 +168,12 @@ async def test_sigterm_while_kafka_is_unreachable_at_start_exits_within_10_s(
         update={"kafka_bootstrap": f"127.0.0.1:{free_ports(1)}", "timeout_s": 30.0}
     )
     log = tmp_path / "bridge.log"
-    with bridge_process(s, log) as bridge:
+    async with bridge_process(s, log, ready=False) as bridge:
         # Its worker runs: start-up is under way, waiting for Kafka.
         await until(lambda: len(process_tree(bridge.pid)) > 1, 10, "the worker started")
         asked = time.monotonic()
-        bridge.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(bridge.wait, 15)
+        bridge.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(bridge.process.wait, 15)
         took = time.monotonic() - asked
     assert code == 0, log.read_text()[-2000:]
     assert took < 10, f"took {took:.1f} s"
@@ -207,15 +196,14 @@ async def test_kafka_outage_of_30_s_loses_nothing_and_memory_stays_bounded(
     log = tmp_path / "bridge.log"
     peak = 0.0
     try:
-        with bridge_process(s, log) as bridge:
-            await until_started(log)
+        async with bridge_process(s, log) as bridge:
             publishing = asyncio.create_task(stream(s, devices, per_device, rate=10))
             await asyncio.sleep(5)
             stack.down(plan.root)
             outage_end = time.monotonic() + 30
             while time.monotonic() < outage_end:
                 peak = max(peak, rss_mb(bridge.pid))
-                assert bridge.poll() is None, log.read_text()[-2000:]
+                assert bridge.process.poll() is None, log.read_text()[-2000:]
                 await asyncio.sleep(0.5)
             await stack.up(plan, kafka)
             async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
@@ -245,17 +233,18 @@ async def test_two_workers_keep_each_devices_order_through_a_backlog_drain(
     await register(s, *devices)
     log = tmp_path / "bridge.log"
     try:
-        with bridge_process(s, log, "--workers", "2") as first:
-            await until_started(log)
-            first.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(first.wait, 15) == 0
+        async with bridge_process(s, log, "--workers", "2") as first:
+            first.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(first.process.wait, 15) == 0
         await stream(s, devices, 1000, rate=100_000)
-        async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
-            with bridge_process(s, log, "--workers", "2"):
-                started = time.monotonic()
-                await stream(s, devices, 1000, rate=200, first_seq=1000)
-                await readings.wait_for(14_000, 120)
-                took = time.monotonic() - started
+        async with (
+            TopicReader(s, Topics(s.topic_prefix).readings) as readings,
+            bridge_process(s, log, "--workers", "2"),
+        ):
+            started = time.monotonic()
+            await stream(s, devices, 1000, rate=200, first_seq=1000)
+            await readings.wait_for(14_000, 120)
+            took = time.monotonic() - started
     finally:
         await forget_session(s)
     assert "workers=2" in log.read_text()
@@ -284,25 +273,26 @@ async def test_readings_sent_after_a_broker_crash_reach_a_bridge_that_was_away(
         await register(s, *devices)
         expected = {(d.device_id, seq) for d in devices for seq in range(200)}
         log = tmp_path / "bridge.log"
-        async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
-            with bridge_process(s, log) as bridge:
-                await until_started(log)
-                subscribed_at = time.time()
-                await stream(s, devices, 100, rate=100)
-                await readings.wait_for(500)
-                await until(
-                    lambda: snapshot.exists() and snapshot.stat().st_mtime > subscribed_at,
-                    10,
-                    "a snapshot taken after the bridge subscribed",
-                )
-                bridge.send_signal(signal.SIGSTOP)
-                try:
-                    kill_9(plan, "mosquitto")
-                    await stack.up(plan, mqtt)
-                    await stream(s, devices, 100, rate=100_000, first_seq=100)
-                finally:
-                    bridge.send_signal(signal.SIGCONT)
-                await all_in_kafka(readings, expected, 60)
+        async with (
+            TopicReader(s, Topics(s.topic_prefix).readings) as readings,
+            bridge_process(s, log) as bridge,
+        ):
+            subscribed_at = time.time()
+            await stream(s, devices, 100, rate=100)
+            await readings.wait_for(500)
+            await until(
+                lambda: snapshot.exists() and snapshot.stat().st_mtime > subscribed_at,
+                10,
+                "a snapshot taken after the bridge subscribed",
+            )
+            bridge.process.send_signal(signal.SIGSTOP)
+            try:
+                kill_9(plan, "mosquitto")
+                await stack.up(plan, mqtt)
+                await stream(s, devices, 100, rate=100_000, first_seq=100)
+            finally:
+                bridge.process.send_signal(signal.SIGCONT)
+            await all_in_kafka(readings, expected, 60)
         await forget_session(s)
     finally:
         stack.down(plan.root, purge=True)
@@ -321,17 +311,15 @@ async def test_a_killed_worker_stops_the_bridge_and_a_restart_loses_nothing(
     log = tmp_path / "bridge.log"
     try:
         async with TopicReader(s, Topics(s.topic_prefix).readings) as readings:
-            with bridge_process(s, log, "--workers", "2") as first:
-                await until_started(log)
+            async with bridge_process(s, log, "--workers", "2") as first:
                 publishing = asyncio.create_task(stream(s, devices, 1000, rate=300))
                 await readings.wait_for(1000, 60)
                 worker = process_tree(first.pid)[-1]
                 os.kill(worker, signal.SIGKILL)
-                code = await asyncio.to_thread(first.wait, 15)
+                code = await asyncio.to_thread(first.process.wait, 15)
             assert code == 1
             assert re.search(r"bridge worker \d exited: killed by signal 9", log.read_text())
-            with bridge_process(s, log, "--workers", "2"):
-                await until_started(log, starts=2)
+            async with bridge_process(s, log, "--workers", "2"):
                 await publishing
                 await all_in_kafka(readings, expected, 60)
         report(readings, expected, "worker kill -9")

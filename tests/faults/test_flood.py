@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ import pytest
 from devstack.installer import ensure_debian_packages
 from gateway.settings import Settings
 from gateway.topics import Topics
-from simulators.bench.processes import rss_mb
-from tests.faults.test_bridge_faults import bridge_process, stream, thermostats, until_started
-from tests.faults.test_pipeline_faults import scrape
+from simulators.processes import ServiceProcess, rss_mb
+from tests.faults.test_bridge_faults import bridge_process, stream, thermostats
 from tests.support import (
     TopicReader,
     forget_session,
@@ -76,37 +74,36 @@ async def test_flooding_device_is_rate_limited_and_others_keep_flowing(
     names = Topics(s.topic_prefix)
     log = tmp_path / "bridge.log"
     try:
-        with bridge_process(s, log) as bridge:
-            await until_started(log)
-            async with (
-                TopicReader(s, names.readings) as readings,
-                TopicReader(s, names.dead_letters) as dead_letters,
-            ):
-                await stream(s, others, 150, rate=30)
-                await readings.wait_for(1500)
-                unloaded = latencies_ms(readings.records, ids)
+        async with (
+            bridge_process(s, log) as bridge,
+            TopicReader(s, names.readings) as readings,
+            TopicReader(s, names.dead_letters) as dead_letters,
+        ):
+            await stream(s, others, 150, rate=30)
+            await readings.wait_for(1500)
+            unloaded = latencies_ms(readings.records, ids)
 
-                mark, sent = len(readings.records), FLOOD_READINGS
-                started = time.monotonic()
-                flooding = asyncio.create_task(flood(s, flooder.device_id, sent))
-                watched = asyncio.Event()
-                watching = asyncio.create_task(watch(bridge, log, watched))
-                await stream(s, others, 300, rate=30)  # while the flood goes on
-                await flooding
-                flood_s = time.monotonic() - started
+            mark, sent = len(readings.records), FLOOD_READINGS
+            started = time.monotonic()
+            flooding = asyncio.create_task(flood(s, flooder.device_id, sent))
+            watched = asyncio.Event()
+            watching = asyncio.create_task(watch(bridge, watched))
+            await stream(s, others, 300, rate=30)  # while the flood goes on
+            await flooding
+            flood_s = time.monotonic() - started
 
-                def of_flooder() -> int:
-                    return sum(
-                        (r.key or b"").decode() == flooder.device_id
-                        for r in readings.records + dead_letters.records
-                    )
+            def of_flooder() -> int:
+                return sum(
+                    (r.key or b"").decode() == flooder.device_id
+                    for r in readings.records + dead_letters.records
+                )
 
-                await until(lambda: of_flooder() >= sent, 180, f"{sent} flood readings")
-                drained_s = time.monotonic() - started
-                watched.set()
-                in_flight, rss = await watching
-                await until(lambda: len(readings.records) - mark >= 3000, 60, "others' readings")
-                loaded = latencies_ms(readings.records[mark:], ids)
+            await until(lambda: of_flooder() >= sent, 180, f"{sent} flood readings")
+            drained_s = time.monotonic() - started
+            watched.set()
+            in_flight, rss = await watching
+            await until(lambda: len(readings.records) - mark >= 3000, 60, "others' readings")
+            loaded = latencies_ms(readings.records[mark:], ids)
     finally:
         await forget_session(s)
 
@@ -135,14 +132,12 @@ async def test_flooding_device_is_rate_limited_and_others_keep_flowing(
     )
 
 
-async def watch(
-    bridge: subprocess.Popen[bytes], log: Path, done: asyncio.Event
-) -> tuple[list[float], list[float]]:
+async def watch(bridge: ServiceProcess, done: asyncio.Event) -> tuple[list[float], list[float]]:
     """Sample the bridge's in-flight gauge and its memory until `done`."""
     in_flight: list[float] = []
     rss: list[float] = []
     while not done.is_set():
-        in_flight.append((await scrape(log))["iotgw_bridge_in_flight"])
+        in_flight.append((await asyncio.to_thread(bridge.metrics))["iotgw_bridge_in_flight"])
         rss.append(rss_mb(bridge.pid))
         await asyncio.sleep(0.05)
     return in_flight, rss

@@ -5,28 +5,24 @@ mid-stream, and ends with the loss audit: nothing lost, nothing twice in InfluxD
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import stack
 from gateway.adapters.kafka import kafka_admin
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.audit import AuditReport, SendLog, audit_until_settled
-from simulators.bench.processes import rss_mb
+from simulators.processes import ServiceProcess, rss_mb
 from simulators.runner import run_simulation
 from tests.conftest import stack_settings
 from tests.faults.tcp_proxy import TcpProxy
-from tests.faults.test_bridge_faults import bridge_process, kill_9, until_started
+from tests.faults.test_bridge_faults import bridge_process, kill_9
 from tests.integration.test_stack import free_ports
 from tests.support import forget_session, own_settings, running_bridge, running_writer, until
 
@@ -147,26 +143,24 @@ async def test_three_broker_cluster_leader_kill_and_two_brokers_down(
         s = await own_settings(cluster, max_in_flight=500, writer_flush_interval_s=0.2)
         log = tmp_path / "bridge.log"
         try:
-            with bridge_process(s, log) as bridge:
-                await until_started(log)
-                async with running_writer(s):
-                    fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
-                                       duration=60, seed=3)  # fmt: skip
-                    await _until_published(log, 1000)
-                    leader = await _leader(plan.kafka_bootstrap, Topics(s.topic_prefix).readings)
-                    kill_9(plan, f"kafka-{leader}")
-                    pause = await _longest_pause(log, more=1000)
-                    await stack.up(plan, cluster)
+            async with bridge_process(s, log) as bridge, running_writer(s):
+                fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                   duration=60, seed=3)  # fmt: skip
+                await _until_published(bridge, 1000)
+                leader = await _leader(plan.kafka_bootstrap, Topics(s.topic_prefix).readings)
+                kill_9(plan, f"kafka-{leader}")
+                pause = await _longest_pause(bridge, more=1000)
+                await stack.up(plan, cluster)
 
-                    survivor = next(n for n in (1, 2, 3) if n != leader)
-                    down = {f"kafka-{n}" for n in (1, 2, 3) if n != survivor}
-                    stack.down(plan.root, only=down)
-                    peak, acknowledged = await _outage(bridge, log, max_in_flight=500)
-                    up_at = time.time()
-                    await stack.up(plan, cluster)
-                    report = await fleet.audit(180)
-                    drained_at = time.time()
-                    peak = max(peak, rss_mb(bridge.pid))
+                survivor = next(n for n in (1, 2, 3) if n != leader)
+                down = {f"kafka-{n}" for n in (1, 2, 3) if n != survivor}
+                stack.down(plan.root, only=down)
+                peak, acknowledged = await _outage(bridge, log, max_in_flight=500)
+                up_at = time.time()
+                await stack.up(plan, cluster)
+                report = await fleet.audit(180)
+                drained_at = time.time()
+                peak = max(peak, rss_mb(bridge.pid))
         finally:
             await forget_session(s)
     figures = {
@@ -181,38 +175,29 @@ async def test_three_broker_cluster_leader_kill_and_two_brokers_down(
     assert peak < 250
 
 
-async def scrape(log: Path) -> dict[str, float]:
-    """The bridge process's metrics, from the address its start line gives."""
-    text = await asyncio.to_thread(log.read_text)
-    port = re.findall(r"metrics=http://127\.0\.0\.1:(\d+)/metrics", text)[-1]
-    async with httpx.AsyncClient(timeout=5) as http:
-        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+async def scrape(bridge: ServiceProcess) -> dict[str, float]:
+    return await asyncio.to_thread(bridge.metrics)
 
 
-async def _longest_pause(log: Path, *, more: int) -> float:
+async def _longest_pause(bridge: ServiceProcess, *, more: int) -> float:
     """The longest time the bridge acknowledged nothing to Kafka, watched until it has
     published `more` readings again."""
-    first = last = (await scrape(log))[PUBLISHED]
+    first = last = (await scrape(bridge))[PUBLISHED]
     last_change, longest = time.monotonic(), 0.0
     async with asyncio.timeout(90):
         while last < first + more:
             await asyncio.sleep(0.1)
-            now, value = time.monotonic(), (await scrape(log))[PUBLISHED]
+            now, value = time.monotonic(), (await scrape(bridge))[PUBLISHED]
             if value > last:
                 longest, last_change, last = max(longest, now - last_change), now, value
     return longest
 
 
-async def _until_published(log: Path, count: int) -> None:
+async def _until_published(bridge: ServiceProcess, count: int) -> None:
     """Wait until the bridge process has had `count` readings acknowledged by Kafka."""
     deadline = time.monotonic() + 60
     while True:
-        found = (await scrape(log))[PUBLISHED]
+        found = (await scrape(bridge))[PUBLISHED]
         if found >= count:
             return
         assert time.monotonic() < deadline, f"{found} of {count} readings acknowledged"
@@ -220,15 +205,15 @@ async def _until_published(log: Path, count: int) -> None:
 
 
 async def _outage(
-    bridge: subprocess.Popen[bytes], log: Path, *, max_in_flight: int | None = None
+    bridge: ServiceProcess, log: Path, *, max_in_flight: int | None = None
 ) -> tuple[float, float]:
     """Watch the bridge process through a 20 s outage: its peak RSS (MB), and how many
     readings it had acknowledged by Kafka after the first 5 s (in-flight work settled)."""
     started, peak, acknowledged = time.monotonic(), 0.0, []
     while time.monotonic() < started + 20:
         peak = max(peak, rss_mb(bridge.pid))
-        assert bridge.poll() is None, f"the bridge exited; see {log}"
-        metrics = await scrape(log)
+        assert bridge.process.poll() is None, f"the bridge exited; see {log}"
+        metrics = await scrape(bridge)
         if max_in_flight is not None:
             assert metrics["iotgw_bridge_in_flight"] <= max_in_flight
         if time.monotonic() > started + 5:
@@ -256,24 +241,22 @@ async def test_slow_then_broken_network_between_bridge_and_kafka(
         )
         log = tmp_path / "bridge.log"
         try:
-            with bridge_process(s, log) as bridge:
-                await until_started(log)
-                async with running_writer(s):
-                    fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
-                                       duration=45, seed=4)  # fmt: skip
-                    await _until_published(log, 1000)
-                    proxy.latency_s = 0.2
-                    before = (await scrape(log))[PUBLISHED]
-                    await asyncio.sleep(10)
-                    slow_rate = ((await scrape(log))[PUBLISHED] - before) / 10
-                    proxy.cut()
-                    peak, acknowledged = await _outage(bridge, log)
-                    proxy.latency_s = 0.0
-                    proxy.restore()
-                    restored_at = time.monotonic()
-                    report = await fleet.audit(180)
-                    drained_s = time.monotonic() - restored_at
-                    peak = max(peak, rss_mb(bridge.pid))
+            async with bridge_process(s, log) as bridge, running_writer(s):
+                fleet = Simulation(s, tmp_path / "sent.jsonl", devices=20, rate=200,
+                                   duration=45, seed=4)  # fmt: skip
+                await _until_published(bridge, 1000)
+                proxy.latency_s = 0.2
+                before = (await scrape(bridge))[PUBLISHED]
+                await asyncio.sleep(10)
+                slow_rate = ((await scrape(bridge))[PUBLISHED] - before) / 10
+                proxy.cut()
+                peak, acknowledged = await _outage(bridge, log)
+                proxy.latency_s = 0.0
+                proxy.restore()
+                restored_at = time.monotonic()
+                report = await fleet.audit(180)
+                drained_s = time.monotonic() - restored_at
+                peak = max(peak, rss_mb(bridge.pid))
         finally:
             await forget_session(s)
     print(

@@ -13,6 +13,7 @@ from devstack import stack
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
+from simulators.processes import ServiceProcess
 from tests.conftest import unique
 from tests.integration.test_stack import free_ports
 from tests.support import (
@@ -21,7 +22,6 @@ from tests.support import (
     own_settings,
     produce,
     running_writer,
-    start_service,
     until_points,
 )
 
@@ -74,22 +74,20 @@ async def test_kill_9_mid_batch_then_restart_writes_every_point_once(
     await produce(s, Topics(s.topic_prefix).readings, readings(device, 0, 20_000, t0))
     log = tmp_path / "writer.log"
 
-    first = start_service("writer", s, log)
+    first = ServiceProcess("writer", s, log).start()
     try:
         deadline = time.monotonic() + 60
         while await influx_count(s, "thermostat") < 3000:
             assert time.monotonic() < deadline, log.read_text()[-2000:]
             await asyncio.sleep(0.05)
-        first.send_signal(signal.SIGKILL)
+        first.process.send_signal(signal.SIGKILL)
     finally:
         first.kill()
-        first.wait()
     written_before_restart = await influx_count(s, "thermostat")
-    second = start_service("writer", s, log)
+    second = ServiceProcess("writer", s, log).start()
     try:
         await until_points(s, "thermostat", 20_000, timeout_s=120)
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(15)
+        second.stop()
     print(f"kill -9 after {written_before_restart} points; after restart: 20,000 points")
     assert await influx_count(s, "thermostat") == 20_000

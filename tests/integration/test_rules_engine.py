@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +19,7 @@ from gateway.services.rules import RulesService
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
+from simulators.processes import ServiceProcess
 from tests.conftest import unique
 from tests.support import (
     DevicePublisher,
@@ -30,7 +30,6 @@ from tests.support import (
     running,
     running_bridge,
     running_writer,
-    start_service,
     until,
     until_points,
 )
@@ -248,13 +247,13 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
     log = tmp_path / "rules.log"
 
     t0 = now_ms() - 600_000
-    engine = start_service("rules", engine_settings, log)
+    engine = ServiceProcess("rules", engine_settings, log).start()
     try:
         async with (
             TopicReader(s, Topics(s.topic_prefix).alerts, committed_only=True) as alerts,
             running_bridge(s),
         ):
-            await until(lambda: "event=rules_started" in log.read_text(), 30, "engine started")
+            await engine.ready()
             await publish_series(
                 s,
                 device_id,
@@ -264,18 +263,16 @@ async def test_kill_9_while_firing_neither_repeats_nor_misses(
             )
             await alerts.wait_for(1, 30)
             await asyncio.sleep(1.5)  # the engine commits the second reading's state too
-            engine.send_signal(signal.SIGKILL)
-            engine.wait()
+            engine.kill()
             cooling = [(20, 33.0), (30, 27.0), (40, 26.0)]
             await publish_series(
                 s, device_id, [(t, {"temperature_c": v}) for t, v in cooling], t0, "thermostat"
             )
-            engine = start_service("rules", engine_settings, log)
+            engine = ServiceProcess("rules", engine_settings, log).start()
             await alerts.wait_for(2, 60)
             await asyncio.sleep(2)
     finally:
         engine.kill()
-        engine.wait()
         await forget_session(s)
     assert [(st, v, ts) for _, _, st, v, ts in alerts_of(alerts)] == [
         ("firing", 31.0, t0),

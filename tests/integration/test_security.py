@@ -25,6 +25,7 @@ from gateway.adapters.mqtt import connect
 from gateway.errors import IotgwError
 from gateway.settings import Settings, parse_mqtt_url
 from gateway.topics import Topics
+from simulators.processes import ServiceProcess
 from tests.conftest import unique
 from tests.support import (
     TopicReader,
@@ -32,7 +33,6 @@ from tests.support import (
     own_settings,
     reading_payload,
     running_bridge,
-    start_service,
     until,
 )
 
@@ -242,14 +242,12 @@ async def test_secrets_never_reach_logs_or_errors(
         }
     )
     env = secure.environment()
-    services = start_service("all", secure, tmp_path / "run-all.log")
     log = tmp_path / "run-all.log"
+    services = ServiceProcess("all", secure, log).start()
     try:
-        started = ("event=bridge_started", "event=writer_started", "event=rules_started")
-        await until(lambda: all(e in log.read_text() for e in started), 60, "services started")
+        await services.ready()
     finally:
-        services.terminate()
-        assert await asyncio.to_thread(services.wait, 20) == 0
+        assert await asyncio.to_thread(services.stop, 20) == 0
     listener = f"127.0.0.1:{local_stack.secure_mqtt_port}"
     failing = [
         # Another login's password as the gateway's: refused by the broker.
