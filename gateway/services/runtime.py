@@ -12,8 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from gateway.errors import IotgwError
 from gateway.settings import ServiceName, Settings
@@ -182,7 +181,7 @@ class HealthServer:
         registry: CollectorRegistry,
         checks: Callable[[], dict[str, bool]],
     ) -> None:
-        self._registry = registry
+        self._metrics = make_wsgi_app(registry)
         self._checks = checks
         try:
             self._server: WSGIServer = make_server(
@@ -218,8 +217,9 @@ class HealthServer:
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-            return [generate_latest(self._registry)]
+            # prometheus_client's own app: content negotiation, gzip, ?name[] filters.
+            body: Iterable[bytes] = self._metrics(environ, start_response)
+            return body
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
