@@ -17,6 +17,7 @@ from gateway.adapters.kafka import (
     create_consumer,
     create_producer,
     describe_kafka_error,
+    is_fatal,
     read_to_end,
     started,
     topic_partitions,
@@ -108,6 +109,11 @@ class DeviceRegistry:
             try:
                 batches = await consumer.getmany(timeout_ms=1000)
             except KafkaError as exc:
+                if is_fatal(exc):
+                    # Say so, and stop being ready: the service's /readyz turns 503.
+                    log.error("event=registry_stopped error=%s", describe_kafka_error(exc))
+                    self.ready.clear()
+                    return
                 # The consumer reconnects by itself; the registry keeps its last view.
                 log.warning("event=registry_fetch_failed error=%s", describe_kafka_error(exc))
                 await asyncio.sleep(1)

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from gateway.adapters.kafka import describe_kafka_error
 from gateway.errors import IotgwError
 from gateway.settings import ServiceName, Settings
 
@@ -28,7 +30,11 @@ ServiceRun = Callable[[asyncio.Event], Awaitable[None]]
 
 
 def serve(service: ServiceRun) -> None:
-    """Run `service` until SIGINT or SIGTERM, which start its graceful shutdown."""
+    """Run `service` until SIGINT or SIGTERM, which start its graceful shutdown.
+
+    A Kafka error the service did not handle is one retrying cannot fix (it retries the
+    transient ones itself): it ends the service with IotgwError, one line, exit code 1.
+    """
     service_logging()
 
     async def main() -> None:
@@ -38,7 +44,10 @@ def serve(service: ServiceRun) -> None:
             loop.add_signal_handler(signum, stop.set)
         await service(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KafkaError as exc:
+        raise IotgwError(f"Kafka failed for good: {describe_kafka_error(exc)}") from None
 
 
 def service_logging() -> None:
