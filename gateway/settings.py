@@ -93,6 +93,7 @@ def _check_no_credentials(url: HttpUrl) -> HttpUrl:
     return url
 
 
+LogFormat = Literal["logfmt", "json"]
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 KafkaSaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
 
@@ -176,6 +177,8 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
     # How long a command waits for a service before it gives up with one line.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Services log one line an event, as logfmt or JSON.
+    log_format: LogFormat = "logfmt"
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -9,7 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from devstack import stack
+from gateway.services.runtime import route_logs_to_stdlib
 from gateway.settings import Settings
+
+# In-process services log through the standard logging module, which pytest captures.
+route_logs_to_stdlib()
 
 
 def unique(prefix: str) -> str:

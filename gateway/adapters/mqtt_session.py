@@ -23,7 +23,6 @@ completed, so reconnects cannot multiply what the gateway holds.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import struct
 import time
@@ -31,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from gateway.adapters.mqtt import tls_context
 from gateway.domain.backoff import Backoff
@@ -40,7 +41,7 @@ from schemas.reading import MAX_PAYLOAD_BYTES
 
 __all__ = ["Message", "MqttSession", "SessionOptions", "encode_connect", "encode_subscribe"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # Packet types (MQTT 5, section 2.1.2).
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
@@ -356,7 +357,7 @@ class MqttSession:
                     raise
                 delay = _RECONNECT.delay(failures)
                 failures += 1
-                log.warning("event=mqtt_reconnect_failed error=%r retry_in_s=%s", str(exc), delay)
+                log.warning("mqtt_reconnect_failed", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
 
     def stop_reading(self) -> None:
@@ -424,11 +425,7 @@ class MqttSession:
             self.connected = True
             self.connections += 1
             self._start_keepalive()
-            log.info(
-                "event=mqtt_connected session_present=%s connection=%d",
-                session_present,
-                self.connections,
-            )
+            log.info("mqtt_connected", session_present=session_present, connection=self.connections)
             # A plain subscription lives in the session the broker kept; a shared one does
             # not survive a Mosquitto crash (2.0.x never persists them), and a new session
             # has none. The first connection subscribes in any case (the filter may have
@@ -549,7 +546,7 @@ class MqttSession:
                     break
                 pos = end
         except (ProtocolError, UnicodeDecodeError) as exc:
-            log.warning("event=mqtt_protocol_error error=%r", str(exc))
+            log.warning("mqtt_protocol_error", error=str(exc))
             transport = self._transport
             self._detach(exc)
             if transport is not None:
@@ -666,7 +663,7 @@ class MqttSession:
             code = body[0] if body else 0
             properties = _properties(body, 1)[0] if len(body) > 1 else {}
             reason = _reason(code, properties) if code else "normal disconnection"
-            log.warning("event=mqtt_disconnected_by_broker reason=%r", reason)
+            log.warning("mqtt_disconnected_by_broker", reason=reason)
             connack = self._connack
             if connack is not None and not connack.done():
                 connack.set_exception(
@@ -682,9 +679,9 @@ class MqttSession:
         unacknowledged = self._detach(exc)
         if was_connected and not self._closing:
             log.warning(
-                "event=mqtt_disconnected error=%r unacknowledged=%d",
-                str(exc) if exc else "closed by the broker",
-                unacknowledged,
+                "mqtt_disconnected",
+                error=str(exc) if exc else "closed by the broker",
+                unacknowledged=unacknowledged,
             )
         self._lost.set()
 
@@ -759,7 +756,7 @@ class MqttSession:
         # While paused the socket is not read, so the broker's PINGRESPs wait unread and
         # silence means nothing; the PINGREQs still go out and keep the session alive.
         if not self._reading_paused and now - self._last_in > 2 * self._keepalive_s:
-            log.warning("event=mqtt_keepalive_lost silent_s=%.0f", now - self._last_in)
+            log.warning("mqtt_keepalive_lost", silent_s=round(now - self._last_in))
             if self._transport is not None:
                 self._transport.close()
             return

@@ -20,7 +20,7 @@ from gateway.cli.tail import tail_app
 from gateway.cli.terminal import print_error
 from gateway.cli.topics import topics_app
 from gateway.errors import IotgwError
-from gateway.services.runtime import LOG_FORMAT
+from gateway.services.runtime import configure_logging
 
 __all__ = ["app", "main"]
 
@@ -56,7 +56,7 @@ for commands in (simulate_app, tail_app, bench_app):
 
 def main() -> None:
     """Entry point of the `iotgw` script."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    configure_logging(logging.WARNING)
     # A command reports a failed connection itself, in one line; the clients' own
     # retry logs would only repeat it.
     for client in ("aiokafka", "gmqtt"):

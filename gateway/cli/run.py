@@ -37,25 +37,28 @@ def run_bridge(
     settings = load_settings()
     if workers is not None:
         settings = settings.model_copy(update={"bridge_workers": workers})
-    serve(Bridge(settings).run)
+    serve(Bridge(settings).run, settings.log_format)
 
 
 @run_app.command("writer")
 def run_writer() -> None:
     """Readings, alerts and dead letters from Kafka into InfluxDB, in batches."""
-    serve(Writer(load_settings()).run)
+    settings = load_settings()
+    serve(Writer(settings).run, settings.log_format)
 
 
 @run_app.command("rules")
 def run_rules() -> None:
     """The rules engine: alerts from readings, MQTT commands and webhooks on firing."""
-    serve(RulesService(load_settings()).run)
+    settings = load_settings()
+    serve(RulesService(settings).run, settings.log_format)
 
 
 @run_app.command("all")
 def run_all() -> None:
     """The bridge, the writer and the rules engine in one process (small sites, the demo)."""
-    serve(functools.partial(run_services, load_settings()))
+    settings = load_settings()
+    serve(functools.partial(run_services, settings), settings.log_format)
 
 
 async def run_services(settings: Settings, stop: asyncio.Event) -> None:

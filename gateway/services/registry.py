@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -27,7 +27,7 @@ from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # How long one fetch waits for new registry records: bounds how late a live registry
 # sees a change (DESIGN: a registration is visible within a second).
@@ -111,11 +111,11 @@ class DeviceRegistry:
             except KafkaError as exc:
                 if is_fatal(exc):
                     # Say so, and stop being ready: the service's /readyz turns 503.
-                    log.error("event=registry_stopped error=%s", describe_kafka_error(exc))
+                    log.error("registry_stopped", error=describe_kafka_error(exc))
                     self.ready.clear()
                     return
                 # The consumer reconnects by itself; the registry keeps its last view.
-                log.warning("event=registry_fetch_failed error=%s", describe_kafka_error(exc))
+                log.warning("registry_fetch_failed", error=describe_kafka_error(exc))
                 await asyncio.sleep(1)
                 continue
             for records in batches.values():
@@ -127,7 +127,7 @@ class DeviceRegistry:
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
-            log.warning("event=registry_record_without_key")
+            log.warning("registry_record_without_key")
             return
         device_id = key.decode(errors="replace")
         if value is None:
@@ -136,14 +136,10 @@ class DeviceRegistry:
         try:
             device = Device.model_validate_json(value)
         except ValidationError as exc:
-            log.warning(
-                "event=registry_record_invalid device_id=%s errors=%d", device_id, exc.error_count()
-            )
+            log.warning("registry_record_invalid", device_id=device_id, errors=exc.error_count())
             return
         if device.device_id != device_id:
-            log.warning(
-                "event=registry_key_mismatch key=%s device_id=%s", device_id, device.device_id
-            )
+            log.warning("registry_key_mismatch", key=device_id, device_id=device.device_id)
             return
         self._devices[device_id] = device
 

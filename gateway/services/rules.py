@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import functools
 import json
-import logging
 import time
 from typing import Any
 
 import httpx
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from gmqtt import Client
@@ -33,7 +33,7 @@ from gateway.settings import Settings
 from gateway.topics import Topics, commands_topic
 from schemas.rules import Rule, Webhook
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _TICK_S = 1.0
 _WEBHOOK_BACKOFF = Backoff(first=0.5, cap=8.0)
@@ -105,12 +105,11 @@ class RulesService:
                 self.settings,
             )
             log.info(
-                "event=rules_started rules=%d group=%s states=%d metrics=http://%s:%d/metrics",
-                len(self.rules),
-                self.settings.rules_group,
-                len(self.engine.states),
-                self.settings.metrics_host,
-                self.health.port,
+                "rules_started",
+                rules=len(self.rules),
+                group=self.settings.rules_group,
+                states=len(self.engine.states),
+                metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics",
             )
             await self._consume(self._consumer, stop)
         finally:
@@ -135,9 +134,11 @@ class RulesService:
     async def _connect_mqtt(self) -> Client:
         client = Client(f"{self.settings.rules_instance_id}-commands")
         await connect(
-            client, self.settings.mqtt, ca_file=self.settings.mqtt_ca_file,
+            client,
+            self.settings.mqtt,
+            ca_file=self.settings.mqtt_ca_file,
             timeout_s=self.settings.timeout_s,
-        )  # fmt: skip
+        )
         return client
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
@@ -153,7 +154,7 @@ class RulesService:
                         reading = json.loads(record.value)
                         alerts.extend(self.engine.evaluate(reading, now))
                     except (ValueError, KeyError, TypeError) as exc:
-                        log.warning("event=reading_skipped offset=%d error=%s", record.offset, exc)
+                        log.warning("reading_skipped", offset=record.offset, error=exc)
                     self.metrics.evaluated.inc()
                 if records:
                     offsets[tp] = records[-1].offset + 1
@@ -193,9 +194,12 @@ class RulesService:
         for alert in alerts:
             self.metrics.alerts.labels(alert.rule, alert.state).inc()
             log.info(
-                "event=alert rule=%s device_id=%s state=%s value=%s",
-                alert.rule, alert.device_id, alert.state, alert.value,
-            )  # fmt: skip
+                "alert",
+                rule=alert.rule,
+                device_id=alert.device_id,
+                state=alert.state,
+                value=alert.value,
+            )
 
     def _act(self, alert: Alert) -> None:
         rule = self.by_id.get(alert.rule)
@@ -213,7 +217,7 @@ class RulesService:
                 except OverflowError:
                     self.metrics.action_failures.labels("mqtt_command").inc()
                     log.warning(
-                        "event=command_dropped device_id=%s reason=in_flight_full", alert.device_id
+                        "command_dropped", device_id=alert.device_id, reason="in_flight_full"
                     )
             if action.webhook is not None:
                 # Deliveries of one rule and device go out in order (firing before
@@ -249,7 +253,7 @@ class RulesService:
             if attempt < webhook.retries:
                 await asyncio.sleep(_WEBHOOK_BACKOFF.delay(attempt))
         self.metrics.action_failures.labels("webhook").inc()
-        log.warning("event=webhook_failed url=%s rule=%s error=%s", webhook.url, alert.rule, reason)
+        log.warning("webhook_failed", url=webhook.url, rule=alert.rule, error=reason)
 
     async def _shutdown(self) -> None:
         for task in list(self._actions):
@@ -268,4 +272,4 @@ class RulesService:
         await self._http.aclose()
         if self.health is not None:
             self.health.stop()
-        log.info("event=rules_stopped")
+        log.info("rules_stopped")

@@ -12,15 +12,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import structlog
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from gateway.adapters.kafka import describe_kafka_error
 from gateway.errors import IotgwError
-from gateway.settings import ServiceName, Settings
-
-# One line an event: the time, then key=value pairs.
-LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+from gateway.settings import LogFormat, ServiceName, Settings
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -29,13 +27,13 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 ServiceRun = Callable[[asyncio.Event], Awaitable[None]]
 
 
-def serve(service: ServiceRun) -> None:
+def serve(service: ServiceRun, log_format: LogFormat = "logfmt") -> None:
     """Run `service` until SIGINT or SIGTERM, which start its graceful shutdown.
 
     A Kafka error the service did not handle is one retrying cannot fix (it retries the
     transient ones itself): it ends the service with IotgwError, one line, exit code 1.
     """
-    service_logging()
+    service_logging(log_format)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -50,10 +48,56 @@ def serve(service: ServiceRun) -> None:
         raise IotgwError(f"Kafka failed for good: {describe_kafka_error(exc)}") from None
 
 
-def service_logging() -> None:
-    """Services log one key=value line an event; the clients' warnings are kept."""
-    logging.basicConfig(format=LOG_FORMAT)
-    logging.getLogger().setLevel(logging.INFO)
+# What every log line gets, iotgw's and the libraries' alike.
+_SHARED: list[structlog.types.Processor] = [
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def route_logs_to_stdlib() -> None:
+    """iotgw's events (structlog) become records of the standard `logging` module, so one
+    handler renders them with the libraries' lines (and pytest's caplog sees them)."""
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def configure_logging(level: int, log_format: LogFormat = "logfmt") -> None:
+    """One line an event, to stderr: `timestamp`, `level`, `logger`, `event`, then the
+    event's fields, as logfmt (a value with spaces or quotes is quoted) or as JSON. The
+    libraries' own lines (aiokafka's warnings, say) go through the same renderer."""
+    route_logs_to_stdlib()
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.processors.LogfmtRenderer(
+            key_order=["timestamp", "level", "logger", "event"], drop_missing=True
+        )
+    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_SHARED,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+
+
+def service_logging(log_format: LogFormat = "logfmt") -> None:
+    """A service logs its events (INFO and up); of the clients, their warnings."""
+    configure_logging(logging.INFO, log_format)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     # gmqtt logs a traceback for every lost connection; the services log the event.
     logging.getLogger("gmqtt").setLevel(logging.ERROR)

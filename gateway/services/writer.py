@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
@@ -35,7 +35,7 @@ from gateway.settings import Settings
 from gateway.topics import Topics, telemetry_topic
 from schemas import Device
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _BACKOFF = Backoff(first=0.5, cap=15.0)
 # How often the writer records its own lag and progress in InfluxDB (for the dashboards).
@@ -196,19 +196,17 @@ class Writer:
                 self.settings,
             )
             log.info(
-                "event=writer_started group=%s influx=%s db=%s batch=%d flush_s=%s "
-                "metrics=http://%s:%d/metrics",
-                self.settings.writer_group,
-                self.settings.influx_url,
-                self.settings.influx_db,
-                self.settings.writer_batch_size,
-                self.settings.writer_flush_interval_s,
-                self.settings.metrics_host,
-                self.health.port,
+                "writer_started",
+                group=self.settings.writer_group,
+                influx=self.settings.influx_url,
+                db=self.settings.influx_db,
+                batch=self.settings.writer_batch_size,
+                flush_s=self.settings.writer_flush_interval_s,
+                metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics",
             )
             await self._consume(self._consumer, stop)
         except _Stopped:
-            log.warning("event=stopped_while_influx_failing uncommitted_records_are_read_again")
+            log.warning("stopped_while_influx_failing", note="uncommitted records are read again")
         finally:
             await self._shutdown()
 
@@ -239,7 +237,7 @@ class Writer:
                     ) from None
                 reason = exc.reason
             delay = _BACKOFF.delay(attempt)
-            log.warning("event=influx_unavailable error=%s retry_in_s=%s", reason, delay)
+            log.warning("influx_unavailable", error=reason, retry_in_s=delay)
             await asyncio.sleep(delay)
 
     async def _visible_databases(self) -> list[str]:
@@ -297,7 +295,7 @@ class Writer:
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance gave the partitions to another writer, which reads them again
             # from the last commit: rewriting the same points is harmless.
-            log.warning("event=commit_failed error=%s", describe_kafka_error(exc))
+            log.warning("commit_failed", error=describe_kafka_error(exc))
 
     async def _write(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
         if not points:
@@ -336,14 +334,17 @@ class Writer:
                 if attempt:
                     consumer.resume(*consumer.assignment())
                     self.metrics.paused.set(0)
-                    log.info("event=influx_recovered attempts=%d", attempt)
+                    log.info("influx_recovered", attempts=attempt)
                 return
             self._influx_ok = False
             delay = _BACKOFF.delay(attempt)
             log.warning(
-                "event=influx_write_failed status=%s error=%s points=%d retry_in_s=%s",
-                status or "none", reason[:200], len(points), delay,
-            )  # fmt: skip
+                "influx_write_failed",
+                status=status or "none",
+                error=reason[:200],
+                points=len(points),
+                retry_in_s=delay,
+            )
             self.metrics.retries.inc()
             if self._stop.is_set():
                 raise _Stopped
@@ -357,7 +358,7 @@ class Writer:
         record = refused.record
         if record.topic == self.topics.dead_letters:
             # A dead letter's own point was refused: log it, never loop it back.
-            log.error("event=rejected_point_refused offset=%d error=%s", record.offset, reason)
+            log.error("rejected_point_refused", offset=record.offset, error=reason)
             return
         await self._dead_letter(record, Reason.INFLUX_REJECTED, reason)
 
@@ -371,9 +372,7 @@ class Writer:
             self.topics.dead_letters, record.value, key=record.key, headers=headers
         )
         self.metrics.dead_letters.labels(reason.value).inc()
-        log.warning(
-            "event=dead_letter reason=%s device_id=%s detail=%s", reason, device_id, detail[:200]
-        )
+        log.warning("dead_letter", reason=reason, device_id=device_id, detail=detail[:200])
 
     async def _maybe_write_stats(self) -> None:
         """Record lag and progress in InfluxDB, for the fleet dashboard."""
@@ -404,4 +403,4 @@ class Writer:
         await self._influx.close()
         if self.health is not None:
             self.health.stop()
-        log.info("event=writer_stopped points_written=%d", self._written)
+        log.info("writer_stopped", points_written=self._written)

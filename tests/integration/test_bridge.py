@@ -7,6 +7,7 @@ import json
 import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -209,8 +210,9 @@ async def test_a_share_group_makes_a_shared_subscription_with_a_warning(
             await readings.wait_for(1)
     finally:
         await forget_session(s)
-    assert "event=shared_subscription" in caplog.text
-    assert "sticky per publisher" in caplog.text
+    events: list[Any] = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    [warning] = [e for e in events if e["event"] == "shared_subscription"]
+    assert "sticky per publisher" in warning["warning"]
 
 
 async def test_a_payload_of_megabytes_is_a_too_large_dead_letter(

@@ -1,25 +1,68 @@
-"""A service's run loop: Kafka errors it did not handle end it in one line."""
+"""A service's run loop and logging: Kafka errors it did not handle end it in one line;
+one log line an event, logfmt or JSON."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import Iterator
 
 import pytest
+import structlog
 from aiokafka.errors import TopicAuthorizationFailedError
 
 from gateway.errors import IotgwError
-from gateway.services.runtime import serve
+from gateway.services.runtime import configure_logging, route_logs_to_stdlib, serve
 
 pytestmark = pytest.mark.unit
 
 
-def test_an_unhandled_kafka_error_ends_the_service_in_one_line() -> None:
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, its handlers and level restored after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers, root.level = handlers, level
+    route_logs_to_stdlib()
+
+
+def test_an_unhandled_kafka_error_ends_the_service_in_one_line(
+    root_logger: logging.Logger,
+) -> None:
     """Not authorized for a topic: IotgwError (one line, exit code 1), not a traceback."""
 
     async def refused(stop: asyncio.Event) -> None:
         raise TopicAuthorizationFailedError()
 
-    with pytest.raises(IotgwError, match="^Kafka failed for good: ") as error:
+    with pytest.raises(IotgwError, match=r"^Kafka failed for good: ") as error:
         serve(refused)
     assert error.value.exit_code == 1
     assert "\n" not in str(error.value)
+
+
+def test_log_lines_are_logfmt_with_values_quoted(
+    root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line an event: `event=` first among the event's own keys, values with spaces
+    quoted; the libraries' lines (plain logging) come out the same way."""
+    configure_logging(logging.INFO)
+    structlog.get_logger("gateway.test").warning("kafka_send_failed", error="no broker answered")
+    logging.getLogger("aiokafka").warning("Got error %s", "x y")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert "level=warning logger=gateway.test event=kafka_send_failed" in lines[0]
+    assert lines[0].endswith('error="no broker answered"')
+    assert 'logger=aiokafka event="Got error x y"' in lines[1]
+
+
+def test_log_lines_can_be_json(
+    root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """IOTGW_LOG_FORMAT=json: one JSON object a line."""
+    configure_logging(logging.INFO, "json")
+    structlog.get_logger("gateway.test").info("bridge_started", workers=2)
+    [line] = capsys.readouterr().err.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["workers"], event["level"]) == ("bridge_started", 2, "info")

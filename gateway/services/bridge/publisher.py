@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
@@ -24,7 +24,7 @@ from gateway.topics import Topics
 
 __all__ = ["KafkaPublisher", "PublishError", "PublishStats"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 RETRY_BACKOFF = Backoff(first=0.1, cap=5.0)
 # One Kafka request carries up to this many bytes of one partition's records.
@@ -246,12 +246,12 @@ class KafkaPublisher:
             return
         delay = RETRY_BACKOFF.delay(lane.failures)
         log.warning(
-            "event=kafka_send_failed topic=%s partition=%d records=%d error=%r retry_in_s=%s",
-            lane.topic,
-            lane.partition,
-            lane.sending,
-            error,
-            delay,
+            "kafka_send_failed",
+            topic=lane.topic,
+            partition=lane.partition,
+            records=lane.sending,
+            error=error,
+            retry_in_s=delay,
         )
         self.stats.retries += lane.sending
         lane.sending = 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import sys
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
+
+import structlog
 
 from gateway.adapters.mqtt_session import Message, MqttSession, SessionOptions
 from gateway.clock import now_ms
@@ -30,7 +31,7 @@ from gateway.topics import MQTT_TELEMETRY_FILTER, telemetry_device_id
 
 __all__ = ["DRAIN_TIMEOUT_S", "Bridge"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # SIGTERM must end the bridge within 10 s: this long for Kafka to acknowledge what is in
 # flight, the rest for closing the connections and the workers.
@@ -169,14 +170,12 @@ class Bridge:
                 return
             starting.result()
             log.info(
-                "event=bridge_started client_id=%s subscription=%s workers=%d "
-                "max_in_flight=%d metrics=http://%s:%d/metrics",
-                self.settings.mqtt_client_id,
-                self.subscription,
-                len(self.workers),
-                self.settings.max_in_flight,
-                self.settings.metrics_host,
-                self.health.port,
+                "bridge_started",
+                client_id=self.settings.mqtt_client_id,
+                subscription=self.subscription,
+                workers=len(self.workers),
+                max_in_flight=self.settings.max_in_flight,
+                metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics",
             )
             tasks.append(asyncio.create_task(self.session.run(), name="mqtt-session"))
             await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -194,9 +193,9 @@ class Bridge:
         tasks += [asyncio.create_task(self._follow(worker)) for worker in self.workers]
         if self.settings.mqtt_share_group:
             log.warning(
-                "event=shared_subscription subscription=%s warning=%r",
-                self.subscription,
-                "per-device order holds only on a broker whose shared subscriptions are "
+                "shared_subscription",
+                subscription=self.subscription,
+                warning="per-device order holds only on a broker whose shared subscriptions are "
                 "sticky per publisher (EMQX hash_clientid); Mosquitto's are not",
             )
         await self.session.connect()
@@ -242,7 +241,7 @@ class Bridge:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.drained(), DRAIN_TIMEOUT_S)
         if session.in_flight:
-            log.warning("event=shutdown_unacknowledged messages=%d", session.in_flight)
+            log.warning("shutdown_unacknowledged", messages=session.in_flight)
         session.close()
         for task in tasks:
             task.cancel()
@@ -250,4 +249,4 @@ class Bridge:
         await asyncio.gather(*(worker.stop() for worker in self.workers))
         if self.health is not None:
             self.health.stop()
-        log.info("event=bridge_stopped")
+        log.info("bridge_stopped")

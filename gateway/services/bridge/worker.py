@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import marshal
 import signal
 import socket
@@ -27,6 +26,7 @@ import struct
 import sys
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -42,7 +42,7 @@ from gateway.topics import Topics
 
 __all__ = ["IngestWorker", "read_frame", "write_frame"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 _LENGTH = struct.Struct("!I")
 # Seconds a stopping worker waits for Kafka to acknowledge what it still holds.
@@ -177,7 +177,7 @@ async def serve(fd: int) -> int:
             return 0
         # One line for the session to report; the traceback too if it is not Kafka's.
         if not isinstance(failure, IotgwError):
-            log.error("event=worker_failed", exc_info=failure)
+            log.error("worker_failed", exc_info=failure)
         write_frame(writer, ("error", str(failure) or type(failure).__name__))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -191,7 +191,7 @@ async def serve(fd: int) -> int:
 
 def main() -> None:
     fd = int(sys.argv[1])
-    service_logging()
+    service_logging(load_settings().log_format)
     # The session process decides when to stop (it closes the socket); a Ctrl-C sent to
     # the whole process group must not kill a worker with messages still in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
