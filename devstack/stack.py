@@ -138,6 +138,15 @@ class StackPlan:
         return f"mqtts://{GATEWAY_USER}:{password}@{HOST}:{self.secure_mqtt_port}"
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id, as `kafka-storage random-uuid` makes them: never starting
+    with '-', which the storage tool would take for an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass
 class StackState:
     """What `stack up` recorded in `.stack/stack.json`, so `status` and `down` need no flags."""
@@ -149,9 +158,7 @@ class StackState:
     kinds: list[str]
     mqtts_port: int | None = None
     kafka_advertised_port: int | None = None
-    kafka_cluster_id: str = field(
-        default_factory=lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    )
+    kafka_cluster_id: str = field(default_factory=new_cluster_id)
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from devstack.installer import ensure_debian_packages, ensure_java, kafka_version
-from devstack.stack import LOCAL_TEMPLATES
+from devstack.stack import LOCAL_TEMPLATES, new_cluster_id
 from gateway.errors import IotgwError
 
 pytestmark = pytest.mark.unit
@@ -43,3 +43,11 @@ def test_not_root_names_packages_to_install(
 def test_pom_names_a_kafka_4_release() -> None:
     """The local stack's Kafka is a 4.x release, read from compose/local/pom.xml."""
     assert kafka_version(LOCAL_TEMPLATES / "pom.xml").startswith("4.")
+
+
+def test_a_new_kafka_cluster_id_never_looks_like_an_option() -> None:
+    """kafka-storage format -t takes an id that starts with '-' for an option and fails;
+    such ids (one in 64) are drawn again."""
+    ids = [new_cluster_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids)
