@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from gateway.cli.terminal import errors
+from gateway.domain.records import CanonicalReading
 from gateway.services.tail import format_reading, tail
 from gateway.settings import load_settings
 from gateway.topics import Topics
@@ -28,7 +29,7 @@ def tail_command(
     """Live view of validated readings as they reach iot.readings (Ctrl-C stops)."""
     settings = load_settings()
 
-    def emit(reading: dict[str, Any]) -> None:
+    def emit(reading: CanonicalReading) -> None:
         print(json.dumps(reading) if as_json else format_reading(reading), flush=True)
 
     def ready() -> None:

@@ -7,8 +7,9 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from gateway.domain.records import AlertRecord, CanonicalReading, MetricValue
 from schemas import Device
 from schemas.rules import AbsenceRule, RateRule, Rule, StateRule, ThresholdRule
 
@@ -27,13 +28,16 @@ class Alert:
 
     rule: str
     device_id: str
-    state: str  # firing or resolved
-    value: float | bool | None
+    state: Literal["firing", "resolved"]
+    value: MetricValue | None
     ts: int
     message: str
 
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
+    def record(self) -> AlertRecord:
+        return AlertRecord(
+            rule=self.rule, device_id=self.device_id, state=self.state, value=self.value,
+            ts=self.ts, message=self.message,
+        )  # fmt: skip
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _Buffered:
     ts: int
     order: int
     arrived_ms: int = field(compare=False)
-    reading: dict[str, Any] = field(compare=False)
+    reading: CanonicalReading = field(compare=False)
 
 
 class _ReorderBuffer:
@@ -76,8 +80,8 @@ class _ReorderBuffer:
         self.released = -1
 
     def offer(
-        self, reading: dict[str, Any], order: int, now_ms: int
-    ) -> list[dict[str, Any]] | None:
+        self, reading: CanonicalReading, order: int, now_ms: int
+    ) -> list[CanonicalReading] | None:
         ts = int(reading["ts"])
         if ts <= self.released:
             return None
@@ -85,7 +89,7 @@ class _ReorderBuffer:
         self.newest = max(self.newest, ts)
         return self.release(now_ms)
 
-    def release(self, now_ms: int) -> list[dict[str, Any]]:
+    def release(self, now_ms: int) -> list[CanonicalReading]:
         out = []
         while self.heap and (
             self.heap[0].ts <= self.newest - self.grace_ms
@@ -129,7 +133,7 @@ class RuleEngine:
         self._any_type = [rule for rule in self.rules if not rule.device_types]
         self._rules_for: dict[str, list[Rule]] = {}
 
-    def evaluate(self, reading: dict[str, Any], now_ms: int) -> list[Alert]:
+    def evaluate(self, reading: CanonicalReading, now_ms: int) -> list[Alert]:
         """Take a canonical reading; alerts of the readings the reorder buffer releases."""
         buffer = self._buffers.get(reading["device_id"])
         if buffer is None:
@@ -173,7 +177,7 @@ class RuleEngine:
             state = self.states[key] = RuleState()
         return state
 
-    def _apply(self, reading: dict[str, Any]) -> list[Alert]:
+    def _apply(self, reading: CanonicalReading) -> list[Alert]:
         device_id, device_type = reading["device_id"], reading["type"]
         rules = self._rules_for.get(device_type)
         if rules is None:

@@ -13,6 +13,7 @@ from pydantic_core import from_json, to_json
 
 from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.records import CanonicalReading
 from gateway.topics import telemetry_device_id
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
@@ -164,14 +165,14 @@ class ReadingValidator:
         # model's types (a JSON 21 for a float field becomes 21.0, so InfluxDB sees floats).
         metrics = {k: v for k, v in reading.metrics.__dict__.items() if v is not None}
         value = to_json(
-            {
-                "device_id": device_id,
-                "type": reading.type,
-                "ts": reading.ts,
-                "seq": reading.seq,
-                "metrics": metrics,
-                "received_at": received_at,
-            }
+            CanonicalReading(
+                device_id=device_id,
+                type=reading.type,
+                ts=reading.ts,
+                seq=reading.seq,
+                metrics=metrics,
+                received_at=received_at,
+            )
         )
         return Accepted(device_id, value, reading.ts)
 

@@ -6,16 +6,16 @@ import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from aiokafka import TopicPartition
 
 from gateway.adapters.kafka import create_consumer, started, topic_partitions
+from gateway.domain.records import CanonicalReading
 from gateway.settings import Settings
 from gateway.topics import Topics
 
 
-def format_reading(reading: dict[str, Any]) -> str:
+def format_reading(reading: CanonicalReading) -> str:
     """One line for people: time, device, type, seq and the metrics."""
     when = datetime.fromtimestamp(reading["ts"] / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
     metrics = " ".join(
@@ -26,7 +26,7 @@ def format_reading(reading: dict[str, Any]) -> str:
 
 async def tail(
     settings: Settings,
-    emit: Callable[[dict[str, Any]], None],
+    emit: Callable[[CanonicalReading], None],
     *,
     device: str | None = None,
     count: int | None = None,

@@ -60,6 +60,6 @@ def test_readings_are_one_line_for_people() -> None:
     """Time, device, type, seq and the metrics on one line."""
     line = format_reading(
         {"device_id": "t1", "type": "thermostat", "ts": 1795676400123, "seq": 4,
-         "metrics": {"temperature_c": 21.5, "heating": True}}
+         "metrics": {"temperature_c": 21.5, "heating": True}, "received_at": 1795676400130}
     )  # fmt: skip
     assert line == "07:00:00.123 t1 thermostat #4 temperature_c=21.5 heating=true"

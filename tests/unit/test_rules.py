@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.domain.records import CanonicalReading
 from gateway.domain.rules import Alert, RuleEngine
 from gateway.domain.rules_file import RulesFileError, load_rules
 from schemas import Device, DeviceType
@@ -35,10 +36,12 @@ def engine(*rules: dict[str, Any], grace_ms: int = 0) -> RuleEngine:
     )
 
 
-def reading(device_id: str, ts: int, **metrics: Any) -> dict[str, Any]:
+def reading(device_id: str, ts: int, **metrics: Any) -> CanonicalReading:
     device = DEVICES.get(device_id)
     device_type = device.type.value if device else "thermostat"
-    return {"device_id": device_id, "type": device_type, "ts": ts, "seq": 0, "metrics": metrics}
+    return CanonicalReading(
+        device_id=device_id, type=device_type, ts=ts, seq=0, metrics=metrics, received_at=ts
+    )
 
 
 def feed(
