@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ConfigError", "IotgwError"]
+
 
 class IotgwError(Exception):
     """A failure the user can act on, described in one line (never a traceback).

@@ -27,6 +27,15 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 
+__all__ = [
+    "LogFormat",
+    "MqttEndpoint",
+    "ServiceName",
+    "Settings",
+    "load_settings",
+    "parse_mqtt_url",
+]
+
 ENV_PREFIX = "IOTGW_"
 CONFIG_FILE = "iotgw.toml"
 

@@ -21,6 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.adapters.files import write_atomically
 from gateway.errors import IotgwError
 
+__all__ = ["CertFiles", "ensure_certificates"]
+
 CA_DAYS = 3650
 SERVER_DAYS = 825
 # A server certificate this close to its end is made anew.

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+__all__ = ["write_atomically"]
+
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` in one step, with permissions `mode` from the first byte.

@@ -38,6 +38,25 @@ from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
 
+__all__ = [
+    "TopicResult",
+    "broker_ids",
+    "consumer_lag",
+    "create_consumer",
+    "create_producer",
+    "describe_kafka_error",
+    "end_offsets",
+    "ensure_topics",
+    "is_fatal",
+    "kafka_admin",
+    "kafka_security",
+    "read_to_end",
+    "read_topic",
+    "settings_admin",
+    "started",
+    "topic_partitions",
+]
+
 # Kafka's error codes: a topic that exists already (creating topics is idempotent),
 # and one that does not exist.
 _TOPIC_ALREADY_EXISTS = 36

@@ -19,6 +19,8 @@ from pathlib import Path
 from gateway.adapters.files import write_atomically
 from gateway.errors import IotgwError
 
+__all__ = ["GATEWAY_USER", "PasswordFile", "generate_password", "hash_password", "verify_password"]
+
 # The gateway's own user on the secure listener; `compose/mosquitto/acl` lets it read all
 # telemetry and write all commands, so no device may have this name as its login.
 GATEWAY_USER = "iotgw"

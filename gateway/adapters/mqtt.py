@@ -14,6 +14,8 @@ from gmqtt.mqtt.handler import MQTTConnectError
 from gateway.errors import IotgwError
 from gateway.settings import MqttEndpoint
 
+__all__ = ["broker_answers", "connect", "publish_in_window", "tls_context"]
+
 
 async def publish_in_window(client: Client, topic: str, payload: bytes, qos: int = 1) -> None:
     """Publish once the broker's in-flight window has room.

@@ -22,6 +22,8 @@ from gateway.services.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings, load_settings
 from schemas import Device
 
+__all__ = ["devices_app"]
+
 devices_app = typer.Typer(
     help="The device registry (Kafka topic iot.devices).", no_args_is_help=True
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
+__all__ = ["console", "errors", "print_error", "say"]
+
 console = Console()
 errors = Console(stderr=True)
 

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from schemas import Device, DeviceType, is_device_id
 
+__all__ = ["DeviceInputError", "build_device", "parse_devices_csv"]
+
 CSV_COLUMNS = ("device_id", "type", "name", "site", "room")
 DEVICE_TYPES = ", ".join(t.value for t in DeviceType)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+__all__ = ["LineProtocolError", "format_field", "point", "series_key"]
+
 FieldValue = float | int | bool | str
 
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\\": "\\\\"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["RateLimiter"]
+
 
 @dataclass(slots=True)
 class _Bucket:

@@ -13,6 +13,8 @@ from gateway.domain.records import AlertRecord, CanonicalReading, MetricValue
 from schemas import Device
 from schemas.rules import AbsenceRule, RateRule, Rule, StateRule, ThresholdRule
 
+__all__ = ["Alert", "RuleEngine", "RuleState"]
+
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,

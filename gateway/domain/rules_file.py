@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from gateway.errors import IotgwError
 from schemas.rules import RulesFile
 
+__all__ = ["RulesFileError", "load_rules"]
+
 
 class RulesFileError(IotgwError):
     """A rules file that cannot be used; one line per problem, each with its location."""

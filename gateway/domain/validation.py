@@ -18,6 +18,8 @@ from gateway.topics import telemetry_device_id
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
 
+__all__ = ["READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejected"]
+
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000

@@ -27,6 +27,8 @@ from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device
 
+__all__ = ["DeviceRegistry", "RegistryWriter"]
+
 log = structlog.get_logger(__name__)
 
 # How long one fetch waits for new registry records: bounds how late a live registry

@@ -33,6 +33,8 @@ from gateway.settings import Settings
 from gateway.topics import Topics, commands_topic
 from schemas.rules import Rule, Webhook
 
+__all__ = ["RulesService"]
+
 log = structlog.get_logger(__name__)
 
 _TICK_S = 1.0

@@ -20,6 +20,17 @@ from gateway.adapters.kafka import describe_kafka_error
 from gateway.errors import IotgwError
 from gateway.settings import LogFormat, ServiceName, Settings
 
+__all__ = [
+    "BridgeMetrics",
+    "HealthServer",
+    "RulesMetrics",
+    "WriterMetrics",
+    "configure_logging",
+    "route_logs_to_stdlib",
+    "serve",
+    "service_logging",
+]
+
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 

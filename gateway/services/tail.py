@@ -14,6 +14,8 @@ from gateway.domain.records import CanonicalReading
 from gateway.settings import Settings
 from gateway.topics import Topics
 
+__all__ = ["format_reading", "tail"]
+
 
 def format_reading(reading: CanonicalReading) -> str:
     """One line for people: time, device, type, seq and the metrics."""

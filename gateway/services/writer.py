@@ -35,6 +35,8 @@ from gateway.settings import Settings
 from gateway.topics import Topics, telemetry_topic
 from schemas import Device
 
+__all__ = ["PointEncoder", "Writer"]
+
 log = structlog.get_logger(__name__)
 
 _BACKOFF = Backoff(first=0.5, cap=15.0)
