@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from gateway.adapters.kafka import (
 )
 from gateway.clock import now_ms
 from gateway.domain.backoff import Backoff
+from gateway.domain.bisect import Refused, write_bisecting
 from gateway.domain.deadletters import Reason, dead_letter_headers
 from gateway.domain.lineprotocol import LineProtocolError, point, series_key
 from gateway.errors import IotgwError
@@ -127,14 +130,6 @@ class PointEncoder:
 
 class _Stopped(Exception):  # noqa: N818 - control flow
     """Shutdown was asked for while a batch could not be written; it is not committed."""
-
-
-class WriteRejected(Exception):  # noqa: N818 - an outcome, carried to the caller
-    """InfluxDB refused the points with a 4xx; its message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Writer:
@@ -300,21 +295,11 @@ class Writer:
             log.warning("commit_failed", error=describe_kafka_error(exc))
 
     async def _write(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
-        if not points:
-            return
-        try:
-            await self._post(consumer, points)
-        except WriteRejected as exc:
-            if len(points) == 1:
-                await self._refused(points[0], str(exc))
-                return
-            # Find the refused points by halves; points written twice are overwritten.
-            middle = len(points) // 2
-            await self._write(consumer, points[:middle])
-            await self._write(consumer, points[middle:])
+        """Write the points; the ones InfluxDB refuses (found by halves) are dead letters."""
+        await write_bisecting(points, functools.partial(self._post, consumer), self._refused)
 
-    async def _post(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
-        """POST the points until InfluxDB answers 2xx (returns) or 4xx (WriteRejected)."""
+    async def _post(self, consumer: AIOKafkaConsumer, points: Sequence[Encoded]) -> None:
+        """POST the points until InfluxDB answers 2xx (returns) or 4xx (Refused)."""
         body = "\n".join(p.line for p in points).encode()
         attempt = 0
         while True:
@@ -324,7 +309,7 @@ class Writer:
                 status, reason = 204, ""
             except InfluxError as exc:
                 if not exc.retriable:
-                    raise WriteRejected(exc.status, exc.reason) from None
+                    raise Refused(exc.reason) from None
                 status, reason = exc.status, exc.reason
             if 200 <= status < 300:
                 self._influx_ok = True

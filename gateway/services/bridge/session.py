@@ -16,8 +16,8 @@ import os
 import socket
 import sys
 import zlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -44,6 +44,22 @@ def owner(topic: str, workers: int) -> int:
     of the id, the same in every process and after every restart."""
     device = telemetry_device_id(topic) or topic
     return zlib.crc32(device.encode()) % workers
+
+
+class Worker(Protocol):
+    """What the session needs of a worker: start it, hand it messages, hear what it has
+    done (`("done", indices, stats)` frames), stop it. A seam for tests."""
+
+    number: int
+    ready: bool
+
+    async def start(self) -> None: ...
+
+    def send(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None: ...
+
+    def frames(self) -> AsyncIterator[tuple[Any, ...]]: ...
+
+    async def stop(self) -> None: ...
 
 
 class WorkerProcess:
@@ -118,10 +134,20 @@ class Bridge:
     keeps the backlog in the persistent session, and memory stays flat.
     """
 
-    def __init__(self, settings: Settings, metrics: BridgeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: BridgeMetrics | None = None,
+        *,
+        workers: Sequence[Worker] | None = None,
+    ) -> None:
+        """`workers` replaces the worker processes (tests); there are IOTGW_BRIDGE_WORKERS
+        of those."""
         self.settings = settings
         self.metrics = metrics or BridgeMetrics()
-        self.workers = [WorkerProcess(n, settings) for n in range(settings.bridge_workers)]
+        self.workers: Sequence[Worker] = workers or [
+            WorkerProcess(n, settings) for n in range(settings.bridge_workers)
+        ]
         self.session = MqttSession(
             SessionOptions(
                 endpoint=settings.mqtt,
@@ -215,7 +241,7 @@ class Bridge:
             if share:
                 worker.send(received_at, share)
 
-    async def _follow(self, worker: WorkerProcess) -> None:
+    async def _follow(self, worker: Worker) -> None:
         """Acknowledge what the worker finished and count what it did."""
         metrics = self.metrics
         async for frame in worker.frames():
