@@ -1,10 +1,11 @@
-"""The records iotgw writes to Kafka, as types (DESIGN.md, "Kafka")."""
+"""The canonical reading, as a type (DESIGN.md, "Kafka"); alerts are domain/rules.py's
+Alert, dead letters domain/validation.py's Rejected."""
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import TypedDict
 
-__all__ = ["AlertRecord", "CanonicalReading", "MetricValue"]
+__all__ = ["CanonicalReading", "MetricValue"]
 
 MetricValue = float | int | bool
 
@@ -18,14 +19,3 @@ class CanonicalReading(TypedDict):
     seq: int | None
     metrics: dict[str, MetricValue]
     received_at: int  # when the bridge received it, epoch ms
-
-
-class AlertRecord(TypedDict):
-    """A record of `iot.alerts`: a rule's transition for a device."""
-
-    rule: str
-    device_id: str
-    state: Literal["firing", "resolved"]
-    value: MetricValue | None
-    ts: int
-    message: str

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from gateway.domain.records import AlertRecord, CanonicalReading, MetricValue
+from gateway.domain.records import CanonicalReading, MetricValue
 from schemas import Device
 from schemas.rules import AbsenceRule, RateRule, Rule, StateRule, ThresholdRule
 
@@ -35,11 +35,9 @@ class Alert:
     ts: int
     message: str
 
-    def record(self) -> AlertRecord:
-        return AlertRecord(
-            rule=self.rule, device_id=self.device_id, state=self.state, value=self.value,
-            ts=self.ts, message=self.message,
-        )  # fmt: skip
+    def record(self) -> dict[str, Any]:
+        """The alert as its `iot.alerts` record."""
+        return asdict(self)
 
 
 @dataclass
