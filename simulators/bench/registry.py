@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 from gateway.adapters.kafka import ensure_topics, kafka_admin
 from gateway.services.registry import DeviceRegistry, RegistryWriter
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
+from simulators.processes import usage
 
 TYPES = list(DeviceType)
 
@@ -43,11 +44,7 @@ def fleet(count: int) -> list[Device]:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited at fork)."""
-    with Path("/proc/self/status").open() as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return usage(os.getpid())[1]
 
 
 async def load(settings: Settings) -> dict[str, float]:
