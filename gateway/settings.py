@@ -56,6 +56,11 @@ class MqttEndpoint:
     username: str | None
     password: SecretStr | None
 
+    @property
+    def address(self) -> str:
+        """`mqtt://host:port` or `mqtts://host:port`: where, for messages (no login)."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:
     """Parse `mqtt://user:pass@host:1883` (or `mqtts://`); raise ValueError without echoing it."""

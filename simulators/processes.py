@@ -16,10 +16,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.stack import CONTROLLER_PORT_OFFSET
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 
-__all__ = ["ServiceProcess", "free_port", "process_tree", "rss_mb", "usage"]
+__all__ = ["ServiceProcess", "free_ports", "process_tree", "rss_mb", "usage"]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -68,22 +69,24 @@ def usage(pid: int) -> tuple[float, float]:
     return cpu, sum(_status_kb(p, "VmHWM") for p in process_tree(pid)) / 1024
 
 
-def free_port(count: int = 1) -> int:
-    """The first of `count` consecutive ports on 127.0.0.1 that nothing listens on now."""
-    for first in range(20_000, 60_000, 10):
+def free_ports(count: int, step: int = 1) -> int:
+    """A base port on 127.0.0.1 such that base, base+step, ... and each +100 (a Kafka
+    node's controller port) are free now."""
+    for base in range(20000, 60000, 37):
+        wanted = [base + i * step for i in range(count)]
+        wanted += [port + CONTROLLER_PORT_OFFSET for port in wanted]
+        if all(_free(port) for port in wanted):
+            return base
+    raise IotgwError("no free ports on 127.0.0.1")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
         try:
-            sockets = []
-            for port in range(first, first + count):
-                probe = socket.socket()
-                sockets.append(probe)
-                probe.bind(("127.0.0.1", port))
+            probe.bind(("127.0.0.1", port))
         except OSError:
-            continue
-        finally:
-            for probe in sockets:
-                probe.close()
-        return first
-    raise IotgwError(f"no {count} free consecutive ports on 127.0.0.1")
+            return False
+    return True
 
 
 class ServiceProcess:
@@ -95,7 +98,7 @@ class ServiceProcess:
 
     def __init__(self, service: str, settings: Settings, log: Path, *options: str) -> None:
         services = 3 if service == "all" else 1
-        port = free_port(services)
+        port = free_ports(services)
         self.settings = settings.model_copy(update={"metrics_port": port})
         self.urls = [f"http://127.0.0.1:{port + n}" for n in range(services)]
         self.service, self.log, self.options = service, log, options

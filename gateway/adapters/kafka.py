@@ -263,10 +263,11 @@ async def read_topic(
             await consumer.seek_to_beginning(*partitions)
         else:
             starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
-            ends = await consumer.end_offsets(partitions)
             for tp in partitions:
-                found = starts.get(tp)
-                consumer.seek(tp, found.offset if found is not None else ends[tp])
+                if (found := starts.get(tp)) is not None:
+                    consumer.seek(tp, found.offset)
+                else:
+                    await consumer.seek_to_end(tp)
         return await read_to_end(consumer, apply, idle_timeout_s=settings.timeout_s)
     finally:
         await consumer.stop()

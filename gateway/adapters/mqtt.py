@@ -14,7 +14,7 @@ from gmqtt.mqtt.handler import MQTTConnectError
 from gateway.errors import IotgwError
 from gateway.settings import MqttEndpoint
 
-__all__ = ["broker_answers", "connect", "publish_in_window", "tls_context"]
+__all__ = ["broker_answers", "connect", "publish_in_window", "tls_context", "unreachable"]
 
 
 async def publish_in_window(client: Client, topic: str, payload: bytes, qos: int = 1) -> None:
@@ -54,7 +54,7 @@ async def connect(
     if endpoint.username:
         password = endpoint.password.get_secret_value() if endpoint.password else None
         client.set_auth_credentials(endpoint.username, password)
-    where = f"{'mqtts' if endpoint.tls else 'mqtt'}://{endpoint.host}:{endpoint.port}"
+    where = endpoint.address
     try:
         await asyncio.wait_for(
             client.connect(
@@ -64,12 +64,16 @@ async def connect(
         )
     except MQTTConnectError as exc:
         raise IotgwError(f"the MQTT broker at {where} refused the connection: {exc}") from None
-    except ssl.SSLError as exc:
-        raise IotgwError(
-            f"TLS with the MQTT broker at {where} failed: {exc.reason or exc}"
-        ) from None
     except (OSError, TimeoutError) as exc:
-        raise IotgwError(f"MQTT broker unreachable at {where}: {exc or 'timed out'}") from None
+        raise unreachable(endpoint, exc) from None
+
+
+def unreachable(endpoint: MqttEndpoint, exc: OSError | TimeoutError) -> IotgwError:
+    """The one-line error for a broker that could not be reached, or whose TLS failed."""
+    if isinstance(exc, ssl.SSLError):
+        return IotgwError(f"TLS with the MQTT broker at {endpoint.address} failed: "
+                          f"{exc.reason or exc}")  # fmt: skip
+    return IotgwError(f"MQTT broker unreachable at {endpoint.address}: {exc or 'timed out'}")
 
 
 async def broker_answers(

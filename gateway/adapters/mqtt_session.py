@@ -23,7 +23,6 @@ completed, so reconnects cannot multiply what the gateway holds.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from gateway.adapters.mqtt import tls_context
+from gateway.adapters.mqtt import tls_context, unreachable
 from gateway.domain.backoff import Backoff
 from gateway.errors import IotgwError
 from gateway.settings import MqttEndpoint
@@ -263,7 +262,6 @@ class MqttSession:
         self._suback: asyncio.Future[None] | None = None
         # A refusal seen after connect() returned; run() raises it.
         self._refused: RefusedError | None = None
-        self._where = ""
         self._buffer = b""
         # Bytes still to come of an oversized PUBLISH whose start was handed over.
         self._discard = 0
@@ -281,7 +279,7 @@ class MqttSession:
         self._packet_ids = [0] * capacity
         self._finished = bytearray(capacity)
         self._received = [0.0] * capacity
-        self._base = self._head = self._next = 0
+        self._head = self._next = 0
         # Messages of earlier connections not completed yet: the gateway still holds them.
         self._orphans = 0
         self.connected = False
@@ -306,7 +304,8 @@ class MqttSession:
         for index in indices:
             if index >= head:
                 finished[index % capacity] = 1
-            elif index < self._base:
+            else:
+                # Of a lost connection: acknowledged ones never complete again.
                 self._orphans -= 1
         if head < self._next and finished[head % capacity]:
             ids, received, observe = self._packet_ids, self._received, self.on_acknowledged
@@ -381,9 +380,7 @@ class MqttSession:
     async def _connect_once(self, *, first: bool) -> None:
         options = self.options
         endpoint = options.endpoint
-        where = self._where = (
-            f"{'mqtts' if endpoint.tls else 'mqtt'}://{endpoint.host}:{endpoint.port}"
-        )
+        where = endpoint.address
         context = tls_context(endpoint, options.ca_file)
         loop = self._loop
         assert loop is not None
@@ -399,14 +396,9 @@ class MqttSession:
                 ),
                 options.timeout_s,
             )
-        except ssl.SSLError as exc:
-            self._lost.set()
-            raise IotgwError(
-                f"TLS with the MQTT broker at {where} failed: {exc.reason or exc}"
-            ) from None
         except (OSError, TimeoutError) as exc:
             self._lost.set()
-            raise IotgwError(f"MQTT broker unreachable at {where}: {exc or 'timed out'}") from None
+            raise unreachable(endpoint, exc) from None
         assert isinstance(transport, asyncio.Transport)
         if self._closing:
             transport.close()
@@ -456,8 +448,8 @@ class MqttSession:
         elif isinstance(refusal, RefusedError):
             # Whether connect() is waiting for it or not, a refused subscription is the
             # end: run() raises it (retrying cannot fix an ACL or a QoS 0 grant).
-            self._refused = RefusedError(f"the MQTT broker at {self._where} {refusal}",
-                                         permanent=True)  # fmt: skip
+            where = self.options.endpoint.address
+            self._refused = RefusedError(f"the MQTT broker at {where} {refusal}", permanent=True)
             transport = self._transport
             self._detach(None)
             if transport is not None:
@@ -705,7 +697,7 @@ class MqttSession:
         self._orphans += unfinished
         if end > head and self.on_unacknowledged is not None:
             self.on_unacknowledged(end - head)
-        self._base = self._head = end
+        self._head = end
         self._buffer = b""
         self._discard = 0
         self._paused = self._closing

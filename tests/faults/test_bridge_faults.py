@@ -19,9 +19,8 @@ from devstack import stack
 from gateway.settings import Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
-from simulators.processes import ServiceProcess, process_tree, rss_mb
+from simulators.processes import ServiceProcess, free_ports, process_tree, rss_mb
 from tests.conftest import stack_settings, unique
-from tests.integration.test_stack import free_ports
 from tests.support import (
     DevicePublisher,
     TopicReader,

@@ -18,12 +18,11 @@ from gateway.adapters.kafka import kafka_admin
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.audit import AuditReport, SendLog, audit_until_settled
-from simulators.processes import ServiceProcess, rss_mb
+from simulators.processes import ServiceProcess, free_ports, rss_mb
 from simulators.runner import run_simulation
 from tests.conftest import stack_settings
 from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_bridge_faults import bridge_process, kill_9
-from tests.integration.test_stack import free_ports
 from tests.support import forget_session, own_settings, running_bridge, running_writer, until
 
 pytestmark = pytest.mark.faults

@@ -13,9 +13,8 @@ from devstack import stack
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
-from simulators.processes import ServiceProcess
+from simulators.processes import ServiceProcess, free_ports
 from tests.conftest import unique
-from tests.integration.test_stack import free_ports
 from tests.support import (
     canonical,
     influx_count,

@@ -23,9 +23,9 @@ from gateway.adapters.mqtt import broker_answers
 from gateway.settings import MqttEndpoint, Settings
 from gateway.topics import Topics
 from schemas import Device, DeviceType
+from simulators.processes import free_ports
 from tests.brokers import MosquittoBuild, backports_mosquitto
 from tests.conftest import unique
-from tests.integration.test_stack import free_ports
 from tests.support import (
     DevicePublisher,
     TopicReader,

@@ -13,8 +13,8 @@ from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
+from simulators.processes import free_ports
 from tests.conftest import unique
-from tests.integration.test_stack import free_ports
 from tests.support import canonical, own_settings, produce, running_writer, until_points
 
 pytestmark = pytest.mark.integration

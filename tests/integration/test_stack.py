@@ -24,6 +24,7 @@ from gateway.adapters.mqtt import publish_in_window
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
+from simulators.processes import free_ports
 from tests.conftest import stack_settings, unique
 from tests.integration.test_servers import consume
 from tests.support import until
@@ -40,25 +41,6 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*IOTGW, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
     )
-
-
-def free_ports(count: int, step: int = 1) -> int:
-    """A base port such that base, base+step, ... and each +100 (Kafka controllers) are free."""
-    for base in range(20000, 60000, 37):
-        wanted = [base + i * step for i in range(count)]
-        wanted += [port + stack.CONTROLLER_PORT_OFFSET for port in wanted]
-        if all(_free(port) for port in wanted):
-            return base
-    raise RuntimeError("no free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_status_lists_every_server_up(local_stack: stack.StackPlan) -> None:

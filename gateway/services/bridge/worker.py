@@ -81,8 +81,6 @@ class IngestWorker:
         self._producer: AIOKafkaProducer | None = None
         self._publisher: KafkaPublisher | None = None
         self._publishing: asyncio.Task[None] | None = None
-        # Done (with the error) when the publisher stopped: Kafka refused for good.
-        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._done: list[int] = []
         self._readings = 0
         self._idle = asyncio.Event()
@@ -101,11 +99,16 @@ class IngestWorker:
         except KafkaError as exc:
             raise IotgwError(f"cannot read the topics' partitions: {exc}") from None
         self._publishing = asyncio.create_task(self._publisher.run(), name="kafka-publisher")
-        self.failed = self._publishing
         # Everything loaded so far (registry, schemas, libraries) lives as long as the
         # process: keep it out of the collector's full scans, which at high rates
         # otherwise cost more than the readings themselves.
         gc.freeze()
+
+    @property
+    def publishing(self) -> asyncio.Task[None]:
+        """The publisher's task: it ends only with an error (Kafka refused for good)."""
+        assert self._publishing is not None, "not started"
+        return self._publishing
 
     def handle(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         """Judge each message's readings and queue them for Kafka, in arrival order."""
@@ -154,6 +157,7 @@ async def serve(fd: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     try:
         settings = load_settings()
+        service_logging(settings.log_format)
         worker = IngestWorker(settings, writer)
         await worker.start()
     except IotgwError as exc:
@@ -168,9 +172,10 @@ async def serve(fd: int) -> int:
 
     pumping = asyncio.create_task(pump())
     try:
-        await asyncio.wait([pumping, worker.failed], return_when=asyncio.FIRST_COMPLETED)
+        publishing = worker.publishing
+        await asyncio.wait([pumping, publishing], return_when=asyncio.FIRST_COMPLETED)
         failure = next(
-            (f.exception() for f in (worker.failed, pumping) if f.done() and f.exception()),
+            (f.exception() for f in (publishing, pumping) if f.done() and f.exception()),
             None,
         )
         if failure is None:
@@ -191,7 +196,6 @@ async def serve(fd: int) -> int:
 
 def main() -> None:
     fd = int(sys.argv[1])
-    service_logging(load_settings().log_format)
     # The session process decides when to stop (it closes the socket); a Ctrl-C sent to
     # the whole process group must not kill a worker with messages still in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
