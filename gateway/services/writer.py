@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
-import json
 import socket
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic_core import from_json
 
 from gateway.adapters.influx import InfluxClient, InfluxError
 from gateway.adapters.kafka import (
@@ -30,7 +28,7 @@ from gateway.clock import now_ms
 from gateway.domain.backoff import Backoff
 from gateway.domain.bisect import Refused, write_bisecting
 from gateway.domain.deadletters import Reason, dead_letter_headers
-from gateway.domain.lineprotocol import LineProtocolError, point, series_key
+from gateway.domain.lineprotocol import LineProtocolError, field_set, point, series_key
 from gateway.errors import IotgwError
 from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import HealthServer, WriterMetrics
@@ -38,22 +36,23 @@ from gateway.settings import Settings
 from gateway.topics import Topics, telemetry_topic
 from schemas import Device
 
-__all__ = ["PointEncoder", "Writer"]
+__all__ = ["WRITES_IN_FLIGHT", "InOrderCommits", "PointEncoder", "Writer"]
 
 log = structlog.get_logger(__name__)
 
 _BACKOFF = Backoff(first=0.5, cap=15.0)
 # How often the writer records its own lag and progress in InfluxDB (for the dashboards).
 _STATS_INTERVAL_S = 10.0
+# Batches written at once, each on a keep-alive connection of its own: InfluxDB parses
+# and stores one while the writer reads and encodes the next (see simulators/bench/writer.py).
+WRITES_IN_FLIGHT = 3
+# While every write slot is busy, how long to wait for the oldest before looking again
+# (at the stop flag, and at writes being retried).
+_POLL_WHILE_WAITING_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """A Kafka record as a line of line protocol."""
-
-    record: Any
-    line: str
-    kind: str  # readings, alerts, rejected
+# A Kafka record and its point, as one line of line protocol.
+Encoded = tuple[Any, str]
 
 
 class PointEncoder:
@@ -69,38 +68,52 @@ class PointEncoder:
     """
 
     def __init__(self, topics: Topics, lookup: Any) -> None:
-        self._topics = topics
         self._lookup = lookup
         self._series: dict[tuple[str, str, str | None, str | None], str] = {}
+        self._by_topic: dict[str, Callable[[Any], str]] = {
+            topics.readings: self._reading,
+            topics.alerts: self._alert,
+        }
 
-    def encode(self, record: Any) -> Encoded:
+    def encode(self, record: Any) -> str:
         """One point, or LineProtocolError / ValueError when the record cannot be one."""
-        if record.topic == self._topics.readings:
-            return Encoded(record, self._reading(record.value), "readings")
-        if record.topic == self._topics.alerts:
-            return Encoded(record, self._alert(record.value), "alerts")
-        return Encoded(record, self._rejected(record), "rejected")
+        return self.for_topic(record.topic)(record)
+
+    def for_topic(self, topic: str) -> Callable[[Any], str]:
+        """The encoding of the records of `topic` (a batch looks it up once a partition)."""
+        return self._by_topic.get(topic, self._rejected)
 
     def _tags(self, device_id: str) -> tuple[str | None, str | None]:
         device: Device | None = self._lookup(device_id)
         return (device.site, device.room) if device is not None else (None, None)
 
-    def _reading(self, value: bytes) -> str:
-        reading = json.loads(value)
+    def _reading(self, record: Any) -> str:
+        reading = from_json(record.value)
         device_id, measurement = reading["device_id"], reading["type"]
-        site, room = self._tags(device_id)
-        cache_key = (measurement, device_id, site, room)
+        device: Device | None = self._lookup(device_id)
+        cache_key = (
+            (measurement, device_id, device.site, device.room)
+            if device is not None
+            else (measurement, device_id, None, None)
+        )
         series = self._series.get(cache_key)
         if series is None:
-            series = series_key(measurement, {"device_id": device_id, "site": site, "room": room})
-            self._series[cache_key] = series
-        fields: dict[str, Any] = dict(reading["metrics"])
-        if reading.get("seq") is not None:
-            fields["seq"] = int(reading["seq"])
-        return point(series, fields, reading["ts"])
+            tags = {"device_id": device_id, "site": cache_key[2], "room": cache_key[3]}
+            series = self._series[cache_key] = series_key(measurement, tags)
+        metrics = reading["metrics"]
+        if type(metrics) is not dict:
+            raise LineProtocolError("the metrics are not an object")
+        seq = reading.get("seq")
+        if seq is None:
+            fields = field_set(metrics)
+        elif "seq" in metrics:
+            fields = field_set({**metrics, "seq": int(seq)})
+        else:
+            fields = f"{field_set(metrics)},seq={int(seq)}i"
+        return f"{series} {fields} {int(reading['ts'])}"
 
-    def _alert(self, value: bytes) -> str:
-        alert = json.loads(value)
+    def _alert(self, record: Any) -> str:
+        alert = from_json(record.value)
         site, room = self._tags(alert["device_id"])
         tags = {
             "rule": alert["rule"],
@@ -132,15 +145,56 @@ class _Stopped(Exception):  # noqa: N818 - control flow
     """Shutdown was asked for while a batch could not be written; it is not committed."""
 
 
+Offsets = dict[TopicPartition, int]
+
+
+class InOrderCommits:
+    """Batches being written at once, and what may be committed: the offsets of the
+    batches that are written and of every batch read before them, never one overtaking."""
+
+    def __init__(self) -> None:
+        self._batches: deque[tuple[asyncio.Task[None], Offsets]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def add(self, write: asyncio.Task[None], offsets: Offsets) -> None:
+        """A batch whose `write` started, read after every batch added before it."""
+        self._batches.append((write, offsets))
+
+    def written(self) -> Offsets:
+        """The offsets to commit now (empty if none): the batches written without a break
+        from the oldest; the first of them that failed raises its exception."""
+        offsets: Offsets = {}
+        while self._batches and self._batches[0][0].done():
+            write, done = self._batches.popleft()
+            write.result()
+            for tp, offset in done.items():
+                offsets[tp] = max(offsets.get(tp, 0), offset)
+        return offsets
+
+    async def wait_oldest(self, timeout_s: float | None) -> None:
+        """Until the oldest batch is written or failed, or `timeout_s` has passed."""
+        if self._batches:
+            await asyncio.wait([self._batches[0][0]], timeout=timeout_s)
+
+    def cancel(self) -> None:
+        """Stop every write; none of them is committed."""
+        for write, _ in self._batches:
+            write.cancel()
+        self._batches.clear()
+
+
 class Writer:
     """`iotgw run writer`: consumer group `iotgw-writer`, batches into InfluxDB `/write`.
 
     A batch is written when it holds `writer_batch_size` points or is
-    `writer_flush_interval_s` old. Offsets are committed only after InfluxDB answered 2xx
-    for every record before them. On 5xx, 429, timeouts or no connection the same batch is
-    retried with capped exponential backoff while consumption is paused. A point refused
-    with a 4xx goes to the dead-letter topic (`influx_rejected`); the rest is written.
-    Replays are harmless: a point with the same series and time is overwritten.
+    `writer_flush_interval_s` old; up to WRITES_IN_FLIGHT batches are written at once, each
+    on a keep-alive connection of its own. Offsets are committed only after InfluxDB
+    answered 2xx for every record before them. On 5xx, 429, timeouts or no connection the
+    same batch is retried with capped exponential backoff while consumption is paused. A
+    point refused with a 4xx goes to the dead-letter topic (`influx_rejected`); the rest is
+    written. Replays are harmless: a point with the same series and time is overwritten.
     """
 
     def __init__(self, settings: Settings, metrics: WriterMetrics | None = None) -> None:
@@ -149,13 +203,20 @@ class Writer:
         self.topics = Topics(settings.topic_prefix)
         self.registry = DeviceRegistry(settings)
         self.encoder = PointEncoder(self.topics, self.registry.get)
+        self._kinds = {
+            self.topics.readings: "readings",
+            self.topics.alerts: "alerts",
+            self.topics.dead_letters: "rejected",
+        }
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._influx = InfluxClient(
             str(settings.influx_url), timeout_s=settings.timeout_s, auth=settings.influx_auth
         )
         self._influx_ok = False
-        self._buffer: list[Any] = []
+        self._writes = InOrderCommits()
+        # Writes waiting to be retried: while there is one, consumption is paused.
+        self._retrying = 0
         self._written = 0
         self._lag = 0
         self._last_stats = 0.0
@@ -198,6 +259,7 @@ class Writer:
                 influx=self.settings.influx_url,
                 db=self.settings.influx_db,
                 batch=self.settings.writer_batch_size,
+                writes_in_flight=WRITES_IN_FLIGHT,
                 flush_s=self.settings.writer_flush_interval_s,
                 metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics",
             )
@@ -205,6 +267,7 @@ class Writer:
         except _Stopped:
             log.warning("stopped_while_influx_failing", note="uncommitted records are read again")
         finally:
+            self._writes.cancel()
             await self._shutdown()
 
     async def _ensure_database(self) -> None:
@@ -246,47 +309,69 @@ class Writer:
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         flush_s = self.settings.writer_flush_interval_s
         size = self.settings.writer_batch_size
+        points: list[Encoded] = []
+        offsets: Offsets = {}
         first_at = 0.0
         while not stop.is_set():
+            await self._commit(consumer, self._writes.written())
+            if self._retrying or len(self._writes) >= WRITES_IN_FLIGHT:
+                await self._wait_for_writes(consumer)
+                continue
+            if consumer.paused():
+                consumer.resume(*consumer.paused())
+                self.metrics.paused.set(0)
             wait_ms = (
                 flush_s * 1000
-                if not self._buffer
+                if not offsets
                 else max(0, (first_at + flush_s - time.monotonic()) * 1000)
             )
             batches = await consumer.getmany(
-                timeout_ms=int(wait_ms), max_records=size - len(self._buffer)
+                timeout_ms=int(wait_ms), max_records=size - len(points)
             )
-            for records in batches.values():
-                if records and not self._buffer:
-                    first_at = time.monotonic()
-                self._buffer.extend(records)
+            if batches and not offsets:
+                first_at = time.monotonic()
+            for tp, records in batches.items():
+                await self._encode(records, self.encoder.for_topic(tp.topic), points)
+                offsets[tp] = records[-1].offset + 1
             await self._update_lag(consumer)
-            if self._buffer and (
-                len(self._buffer) >= size or time.monotonic() - first_at >= flush_s
-            ):
-                await self._flush(consumer)
+            if offsets and (len(points) >= size or time.monotonic() - first_at >= flush_s):
+                self._start_write(points, offsets)
+                points, offsets = [], {}
             await self._maybe_write_stats()
-        if self._buffer:
-            await self._flush(consumer)
+        if offsets:
+            self._start_write(points, offsets)
+        while self._writes:
+            await self._writes.wait_oldest(None)
+            await self._commit(consumer, self._writes.written())
 
-    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        self._lag = await consumer_lag(consumer)
-        self.metrics.lag.set(self._lag)
-
-    async def _flush(self, consumer: AIOKafkaConsumer) -> None:
-        """Write the buffer (retrying, bisecting 4xx), dead-letter refusals, commit offsets."""
-        records, self._buffer = self._buffer, []
-        encoded: list[Encoded] = []
+    async def _encode(
+        self, records: list[Any], encode: Callable[[Any], str], points: list[Encoded]
+    ) -> None:
+        """Append the records' points; one that cannot be a point is a dead letter."""
+        append = points.append
         for record in records:
             try:
-                encoded.append(self.encoder.encode(record))
+                append((record, encode(record)))
             except (LineProtocolError, ValueError, KeyError, TypeError) as exc:
                 await self._dead_letter(record, Reason.MALFORMED, f"cannot be a point: {exc}")
-        await self._write(consumer, encoded)
-        offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+
+    def _start_write(self, points: list[Encoded], offsets: Offsets) -> None:
+        """Write the batch in a task of its own; its offsets are committed in order."""
+        write = write_bisecting(points, self._post, self._refused)
+        self._writes.add(asyncio.ensure_future(write), offsets)
+
+    async def _wait_for_writes(self, consumer: AIOKafkaConsumer) -> None:
+        """Wait for the oldest write; while writes are retried, consumption is paused but
+        the consumer keeps polling, so the group does not drop this writer."""
+        if self._retrying:
+            consumer.pause(*consumer.assignment())
+            self.metrics.paused.set(1)
+            await consumer.getmany(timeout_ms=0)
+        await self._writes.wait_oldest(_POLL_WHILE_WAITING_S)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: Offsets) -> None:
+        if not offsets:
+            return
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
@@ -294,55 +379,63 @@ class Writer:
             # from the last commit: rewriting the same points is harmless.
             log.warning("commit_failed", error=describe_kafka_error(exc))
 
-    async def _write(self, consumer: AIOKafkaConsumer, points: list[Encoded]) -> None:
-        """Write the points; the ones InfluxDB refuses (found by halves) are dead letters."""
-        await write_bisecting(points, functools.partial(self._post, consumer), self._refused)
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        self._lag = await consumer_lag(consumer)
+        self.metrics.lag.set(self._lag)
 
-    async def _post(self, consumer: AIOKafkaConsumer, points: Sequence[Encoded]) -> None:
+    async def _post(self, points: Sequence[Encoded]) -> None:
         """POST the points until InfluxDB answers 2xx (returns) or 4xx (Refused)."""
-        body = "\n".join(p.line for p in points).encode()
+        body = "\n".join([line for _, line in points]).encode()
         attempt = 0
-        while True:
-            started = time.monotonic()
-            try:
-                await self._influx.write(self.settings.influx_db, body)
-                status, reason = 204, ""
-            except InfluxError as exc:
-                if not exc.retriable:
-                    raise Refused(exc.reason) from None
-                status, reason = exc.status, exc.reason
-            if 200 <= status < 300:
-                self._influx_ok = True
-                self.metrics.write_seconds.observe(time.monotonic() - started)
-                self.metrics.batches.inc()
-                for kind, count in Counter(p.kind for p in points).items():
-                    self.metrics.points.labels(kind).inc(count)
-                self._written += len(points)
-                if attempt:
-                    consumer.resume(*consumer.assignment())
-                    self.metrics.paused.set(0)
-                    log.info("influx_recovered", attempts=attempt)
-                return
-            self._influx_ok = False
-            delay = _BACKOFF.delay(attempt)
-            log.warning(
-                "influx_write_failed",
-                status=status or "none",
-                error=reason[:200],
-                points=len(points),
-                retry_in_s=delay,
-            )
-            self.metrics.retries.inc()
-            if self._stop.is_set():
-                raise _Stopped
-            # Pause fetching, but keep polling so the group does not drop this writer.
-            consumer.pause(*consumer.assignment())
-            self.metrics.paused.set(1)
-            await consumer.getmany(timeout_ms=int(delay * 1000))
-            attempt += 1
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._influx.write(self.settings.influx_db, body)
+                    status, reason = 204, ""
+                except InfluxError as exc:
+                    if not exc.retriable:
+                        raise Refused(exc.reason) from None
+                    status, reason = exc.status, exc.reason
+                if 200 <= status < 300:
+                    self._written_ok(points, time.monotonic() - started)
+                    if attempt:
+                        log.info("influx_recovered", attempts=attempt)
+                    return
+                self._influx_ok = False
+                delay = _BACKOFF.delay(attempt)
+                log.warning(
+                    "influx_write_failed",
+                    status=status or "none",
+                    error=reason[:200],
+                    points=len(points),
+                    retry_in_s=delay,
+                )
+                self.metrics.retries.inc()
+                if self._stop.is_set():
+                    raise _Stopped
+                if not attempt:
+                    # The consuming loop pauses consumption while any write is retried.
+                    self._retrying += 1
+                attempt += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            if attempt:
+                self._retrying -= 1
+
+    def _written_ok(self, points: Sequence[Encoded], seconds: float) -> None:
+        """Count an accepted write: one update a metric, whatever the number of points."""
+        self._influx_ok = True
+        self.metrics.write_seconds.observe(seconds)
+        self.metrics.batches.inc()
+        kinds = self._kinds
+        for topic, count in Counter(record.topic for record, _ in points).items():
+            self.metrics.points.labels(kinds.get(topic, "rejected")).inc(count)
+        self._written += len(points)
 
     async def _refused(self, refused: Encoded, reason: str) -> None:
-        record = refused.record
+        record = refused[0]
         if record.topic == self.topics.dead_letters:
             # A dead letter's own point was refused: log it, never loop it back.
             log.error("rejected_point_refused", offset=record.offset, error=reason)

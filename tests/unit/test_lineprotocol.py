@@ -91,8 +91,8 @@ def test_reading_becomes_a_point_of_its_type_with_registry_tags() -> None:
             "received_at": 1795680000200,
         }
     ).encode()
-    encoded = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value))
-    assert encoded.line == (
+    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value))
+    assert line == (
         "thermostat,device_id=t1,room=kitchen,site=home "
         "temperature_c=21.0,heating=true,seq=9i 1795680000123"
     )
@@ -103,7 +103,7 @@ def test_reading_of_an_unregistered_device_has_only_its_id() -> None:
     value = json.dumps(
         {"device_id": "x9", "type": "motion", "ts": 5, "seq": None, "metrics": {"motion": True}}
     ).encode()
-    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value)).line
+    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value))
     assert line == "motion,device_id=x9 motion=true 5"
 
 
@@ -119,7 +119,7 @@ def test_alert_becomes_a_point_of_the_alerts_measurement() -> None:
             "message": 'door "back" open',
         }
     ).encode()
-    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.alerts", value)).line
+    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.alerts", value))
     assert line == (
         "alerts,device_id=t1,room=kitchen,rule=door-left-open,site=home,state=firing "
         'message="door \\"back\\" open",value=1.0 77'
@@ -134,11 +134,44 @@ def test_dead_letter_becomes_a_rejected_point() -> None:
         b"t1",
         [("error", b"malformed"), ("detail", b"not JSON"), ("received_at", b"123")],
     )
-    line = PointEncoder(TOPICS, REGISTRY.get).encode(record).line
+    line = PointEncoder(TOPICS, REGISTRY.get).encode(record)
     assert line == 'rejected,device_id=t1,reason=malformed detail="not JSON",bytes=4i 123'
 
 
 def test_garbage_in_the_readings_topic_is_an_error() -> None:
     """A record that is not a canonical reading cannot become a point."""
-    with pytest.raises(ValueError, match="Expecting value"):
+    with pytest.raises(ValueError, match="expected ident"):
         PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", b"nope"))
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        b'{"temperature_c": null}',
+        b'{"temperature_c": [1]}',
+        b'{"temperature_c": NaN}',
+        b'{"temperature_c": -Infinity}',
+        b"[]",
+        b'"hot"',
+    ],
+)
+def test_metrics_that_are_no_fields_are_an_error(metrics: bytes) -> None:
+    """null, lists, NaN, infinities or metrics that are no object: LineProtocolError, which
+    the writer turns into a dead letter, never a crash or a line InfluxDB refuses."""
+    value = b'{"device_id": "t1", "type": "thermostat", "ts": 5, "metrics": ' + metrics + b"}"
+    with pytest.raises(LineProtocolError):
+        PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value))
+
+
+def test_field_keys_are_escaped_per_point_of_any_series() -> None:
+    """A field key needing escapes is escaped in every point, first or later, of any series."""
+    first = point("m", {"a b": 1.5, "c": 2}, 1)
+    again = point("n,x=1", {"a b": False, "c,d": "v"}, 2)
+    assert (first, again) == ("m a\\ b=1.5,c=2i 1", 'n,x=1 a\\ b=false,c\\,d="v" 2')
+
+
+def test_a_metric_named_seq_gives_way_to_the_readings_seq() -> None:
+    """`seq` is written once, the reading's own, as an integer."""
+    value = b'{"device_id": "x9", "type": "m", "ts": 5, "seq": 3, "metrics": {"seq": 1.0, "a": 1}}'
+    line = PointEncoder(TOPICS, REGISTRY.get).encode(Record("iot.readings", value))
+    assert line == "m,device_id=x9 seq=3i,a=1i 5"
