@@ -399,7 +399,6 @@ class MqttSession:
         except (OSError, TimeoutError) as exc:
             self._lost.set()
             raise unreachable(endpoint, exc) from None
-        assert isinstance(transport, asyncio.Transport)
         if self._closing:
             transport.close()
             self._lost.set()

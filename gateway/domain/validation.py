@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
@@ -23,6 +23,9 @@ __all__ = ["READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejecte
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
+# Topics whose device id is remembered: one per device in a fleet, emptied when full.
+_TOPIC_CACHE = 100_000
+_UNSEEN = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class ReadingValidator:
         self._max_age_ms = max_age_ms
         self._limiter = limiter
         self._clock = clock
+        self._topic_ids: dict[str, str | None] = {}  # a topic's valid device id, or None
 
     def process(
         self, topic: str, payload: bytes, received_at: int, size: int | None = None
@@ -89,8 +93,15 @@ class ReadingValidator:
         def reject(device_id: str | None, reason: Reason, detail: str, original: bytes) -> Rejected:
             return Rejected(device_id, reason, detail[:DETAIL_MAX], original, topic, received_at)
 
-        device_id = telemetry_device_id(topic)
-        if device_id is None or not is_device_id(device_id):
+        device_id = self._topic_ids.get(topic, _UNSEEN)
+        if device_id == _UNSEEN:
+            device_id = telemetry_device_id(topic)
+            if device_id is not None and not is_device_id(device_id):
+                device_id = None
+            if len(self._topic_ids) >= _TOPIC_CACHE:
+                self._topic_ids.clear()
+            self._topic_ids[topic] = device_id
+        if device_id is None:
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
         size = len(payload) if size is None else size
@@ -140,9 +151,11 @@ class ReadingValidator:
         reject: Callable[[str | None, Reason, str, bytes], Rejected],
     ) -> Outcome:
         """The checks after the schema: ids, registry, clock, rate; then normalisation."""
-        if reading.device_id is not None and reading.device_id != device_id:
-            detail = f"payload device_id {reading.device_id} differs from the topic's {device_id}"
+        claimed = reading.get("device_id")
+        if claimed is not None and claimed != device_id:
+            detail = f"payload device_id {claimed} differs from the topic's {device_id}"
             return reject(device_id, Reason.ID_MISMATCH, detail, original)
+        kind, ts = reading["type"], reading["ts"]
         device = self._lookup(device_id)
         if device is None:
             if self._require_registration:
@@ -151,32 +164,32 @@ class ReadingValidator:
         elif not device.enabled:
             detail = f"device {device_id} is disabled"
             return reject(device_id, Reason.DEVICE_DISABLED, detail, original)
-        elif device.type != reading.type:
-            detail = f"reading type {reading.type} but device {device_id} is a {device.type}"
+        elif device.type != kind:
+            detail = f"reading type {kind} but device {device_id} is a {device.type}"
             return reject(device_id, Reason.TYPE_MISMATCH, detail, original)
-        if reading.ts > received_at + MAX_FUTURE_SKEW_MS:
-            detail = f"ts is {(reading.ts - received_at) / 1000:.0f} s ahead of the gateway's clock"
+        if ts > received_at + MAX_FUTURE_SKEW_MS:
+            detail = f"ts is {(ts - received_at) / 1000:.0f} s ahead of the gateway's clock"
             return reject(device_id, Reason.CLOCK_SKEW, detail, original)
-        if reading.ts < received_at - self._max_age_ms:
-            detail = f"ts is {(received_at - reading.ts) / 1000:.0f} s old, over the maximum age"
+        if ts < received_at - self._max_age_ms:
+            detail = f"ts is {(received_at - ts) / 1000:.0f} s old, over the maximum age"
             return reject(device_id, Reason.CLOCK_SKEW, detail, original)
         if not self._limiter.allow(device_id, self._clock()):
             detail = f"over {self._limiter.rate:g} readings/s (burst {self._limiter.burst:g})"
             return reject(device_id, Reason.RATE_LIMITED, detail, original)
-        # The canonical record of CanonicalReading, serialised in Rust; metrics keep the
-        # model's types (a JSON 21 for a float field becomes 21.0, so InfluxDB sees floats).
-        metrics = {k: v for k, v in reading.metrics.__dict__.items() if v is not None}
-        value = to_json(
-            CanonicalReading(
-                device_id=device_id,
-                type=reading.type,
-                ts=reading.ts,
-                seq=reading.seq,
-                metrics=metrics,
-                received_at=received_at,
-            )
-        )
-        return Accepted(device_id, value, reading.ts)
+        # Metrics keep the schema's types (a JSON 21 for a float field is 21.0, so InfluxDB
+        # sees floats); a metric sent as null is left out.
+        metrics = cast(dict[str, Any], reading["metrics"])
+        if None in metrics.values():
+            metrics = {k: v for k, v in metrics.items() if v is not None}
+        record: CanonicalReading = {
+            "device_id": device_id,
+            "type": kind,
+            "ts": ts,
+            "seq": reading.get("seq"),
+            "metrics": metrics,
+            "received_at": received_at,
+        }
+        return Accepted(device_id, to_json(record), ts)
 
 
 def _compact(item: Any) -> bytes:

@@ -11,9 +11,15 @@ from collections.abc import Iterator
 import pytest
 import structlog
 from aiokafka.errors import TopicAuthorizationFailedError
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from gateway.errors import IotgwError
-from gateway.services.runtime import configure_logging, route_logs_to_stdlib, serve
+from gateway.services.runtime import (
+    LoopHistogram,
+    configure_logging,
+    route_logs_to_stdlib,
+    serve,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +72,18 @@ def test_log_lines_can_be_json(
     [line] = capsys.readouterr().err.splitlines()
     event = json.loads(line)
     assert (event["event"], event["workers"], event["level"]) == ("bridge_started", 2, "info")
+
+
+def test_loop_histogram_exports_what_prometheus_clients_histogram_does() -> None:
+    """The same observations give the same buckets, count and sum as prometheus_client's."""
+    buckets = (0.001, 0.01, 0.1, 1.0, 30.0)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    loop = LoopHistogram("publish_seconds", "help", buckets, ours)
+    reference = Histogram("publish_seconds", "help", buckets=buckets, registry=theirs)
+    for value in (0.0005, 0.001, 0.002, 0.01, 0.5, 3.0, 0.1, 45.0):
+        loop.observe(value)
+        reference.observe(value)
+    expected = [
+        line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line
+    ]
+    assert generate_latest(ours).decode().splitlines() == expected

@@ -66,6 +66,30 @@ def test_valid_reading_becomes_canonical_json() -> None:
     assert b'"temperature_c":21.0' in outcome.value
 
 
+def test_metrics_sent_as_null_are_left_out_and_no_seq_is_null() -> None:
+    """A metric sent as null is not in the canonical record; a reading without seq has null."""
+    payload = reading(metrics={"temperature_c": None, "humidity_pct": 40})
+    del payload["seq"]
+    outcome = one(payload)
+    assert isinstance(outcome, Accepted)
+    record = json.loads(outcome.value)
+    assert record["metrics"] == {"humidity_pct": 40.0}
+    assert record["seq"] is None
+
+
+def test_topic_ids_are_judged_the_same_the_second_time() -> None:
+    """A topic seen before gives the same device id, or the same refusal, as the first time."""
+    checker = validator()
+    for _ in range(2):
+        [good] = checker.process(TOPIC, json.dumps(reading()).encode(), NOW)
+        [bad] = checker.process("devices/no good/telemetry", b"{}", NOW)
+        assert isinstance(good, Accepted)
+        assert good.device_id == "t1"
+        assert isinstance(bad, Rejected)
+        assert bad.reason is Reason.UNKNOWN_DEVICE
+        assert bad.device_id is None
+
+
 @pytest.mark.parametrize(
     ("ts", "epoch_ms"),
     [

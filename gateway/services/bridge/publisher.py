@@ -29,8 +29,10 @@ log = structlog.get_logger(__name__)
 RETRY_BACKOFF = Backoff(first=0.1, cap=5.0)
 # One Kafka request carries up to this many bytes of one partition's records.
 BATCH_BYTES = 512 * 1024
-# Keys whose partition is remembered (a device's partition never changes).
-_PARTITION_CACHE = 100_000
+# Keys whose lane is remembered (a device's partition never changes).
+_LANE_CACHE = 100_000
+# The headers of every reading's record (aiokafka only reads them).
+_READING_HEADERS: Headers = [("schema", READING_SCHEMA)]
 
 
 class PublishError(IotgwError):
@@ -104,7 +106,7 @@ class KafkaPublisher:
         self._ready: collections.deque[_Lane] = collections.deque()
         self._wakeup = asyncio.Event()
         self._partitioner = DefaultPartitioner()
-        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._lane_of: dict[tuple[str, bytes], _Lane] = {}
         self._unkeyed = 0
         self.pending = 0  # messages submitted and not done
         self.stats = PublishStats()
@@ -136,7 +138,7 @@ class KafkaPublisher:
         for outcome in outcomes:
             if isinstance(outcome, Accepted):
                 topic, key = self._readings, outcome.device_id.encode()
-                value, headers = outcome.value, [("schema", READING_SCHEMA)]
+                value, headers = outcome.value, _READING_HEADERS
             else:
                 topic = self._dead_letters
                 key = outcome.device_id.encode() if outcome.device_id else None
@@ -162,22 +164,23 @@ class KafkaPublisher:
                     await self._send(lane)
 
     def _lane(self, topic: str, key: bytes | None) -> _Lane:
+        if key is not None:
+            lane = self._lane_of.get((topic, key))
+            if lane is not None:
+                return lane
         partitions = self._partitions[topic]
         if key is None:
             self._unkeyed += 1
             partition = partitions[self._unkeyed % len(partitions)]
         else:
-            partition_of = self._partition_of
-            found = partition_of.get((topic, key))
-            if found is None:
-                if len(partition_of) >= _PARTITION_CACHE:
-                    partition_of.clear()
-                found = int(self._partitioner(key, partitions, partitions))
-                partition_of[(topic, key)] = found
-            partition = found
+            partition = int(self._partitioner(key, partitions, partitions))
         lane = self._lanes.get((topic, partition))
         if lane is None:
             lane = self._lanes[(topic, partition)] = _Lane(topic, partition)
+        if key is not None:
+            if len(self._lane_of) >= _LANE_CACHE:
+                self._lane_of.clear()
+            self._lane_of[(topic, key)] = lane
         return lane
 
     def _make_ready(self, lane: _Lane) -> None:

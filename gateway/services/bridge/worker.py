@@ -27,6 +27,7 @@ import sys
 from typing import Any
 
 import structlog
+import uvloop
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -200,7 +201,7 @@ def main() -> None:
     # the whole process group must not kill a worker with messages still in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(asyncio.run(serve(fd)))
+    sys.exit(uvloop.run(serve(fd)))
 
 
 if __name__ == "__main__":
