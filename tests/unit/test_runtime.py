@@ -4,6 +4,7 @@ one log line an event, logfmt or JSON."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from gateway.errors import IotgwError
 from gateway.services.runtime import (
+    GC_YOUNG_THRESHOLD,
     LoopHistogram,
     configure_logging,
     route_logs_to_stdlib,
@@ -34,8 +36,17 @@ def root_logger() -> Iterator[logging.Logger]:
     route_logs_to_stdlib()
 
 
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """The garbage collector's thresholds and frozen objects restored after the test."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
+
+
 def test_an_unhandled_kafka_error_ends_the_service_in_one_line(
-    root_logger: logging.Logger,
+    root_logger: logging.Logger, collector: None
 ) -> None:
     """Not authorized for a topic: IotgwError (one line, exit code 1), not a traceback."""
 
@@ -46,6 +57,19 @@ def test_an_unhandled_kafka_error_ends_the_service_in_one_line(
         serve(refused)
     assert error.value.exit_code == 1
     assert "\n" not in str(error.value)
+
+
+def test_a_service_collects_young_objects_less_often_and_skips_what_it_loaded(
+    collector: None,
+) -> None:
+    """serve() raises the youngest generation's threshold and freezes what is loaded."""
+
+    async def nothing(stop: asyncio.Event) -> None:
+        return None
+
+    serve(nothing)
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+    assert gc.get_freeze_count() > 0
 
 
 def test_log_lines_are_logfmt_with_values_quoted(

@@ -37,7 +37,7 @@ from gateway.domain.validation import ReadingValidator
 from gateway.errors import IotgwError
 from gateway.services.bridge.publisher import BATCH_BYTES, KafkaPublisher
 from gateway.services.registry import DeviceRegistry
-from gateway.services.runtime import service_logging
+from gateway.services.runtime import service_logging, tune_gc
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
 
@@ -201,6 +201,7 @@ def main() -> None:
     # the whole process group must not kill a worker with messages still in hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tune_gc()
     sys.exit(uvloop.run(serve(fd)))
 
 
