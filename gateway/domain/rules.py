@@ -5,15 +5,17 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
+
+from pydantic_core import from_json, to_json
 
 from gateway.domain.records import CanonicalReading, MetricValue
 from schemas import Device
 from schemas.rules import AbsenceRule, RateRule, Rule, StateRule, ThresholdRule
 
-__all__ = ["Alert", "RuleEngine", "RuleState"]
+__all__ = ["Alert", "RuleEngine", "RuleState", "decode_reading"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -40,7 +42,7 @@ class Alert:
         return asdict(self)
 
 
-@dataclass
+@dataclass(slots=True)
 class RuleState:
     """What a rule remembers about a device; persisted so a restart neither repeats nor
     misses a transition."""
@@ -48,22 +50,51 @@ class RuleState:
     firing: bool = False
     since: int | None = None  # event time the condition started to hold (for `for`)
     last_ts: int | None = None  # newest reading's event time (absence)
-    points: list[list[float]] = field(default_factory=list)  # [ts, value] in the window (rate)
+    # (ts, value) in the window (rate). Tuples, not lists: the collector stops tracking a
+    # tuple of numbers, and a rate rule keeps a window of them for every device.
+    points: list[tuple[int, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not asdict(): it deep-copies the points, and states are written every batch.
+        return {
+            "firing": self.firing,
+            "since": self.since,
+            "last_ts": self.last_ts,
+            "points": self.points,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RuleState:
-        return cls(**data)
+        points = [(int(ts), float(value)) for ts, value in data.get("points", ())]
+        return cls(**{**data, "points": points})
 
 
-@dataclass(order=True)
-class _Buffered:
-    ts: int
-    order: int
-    arrived_ms: int = field(compare=False)
-    reading: CanonicalReading = field(compare=False)
+def decode_reading(value: bytes) -> CanonicalReading:
+    """A record of `iot.readings` as a canonical reading; ValueError if it is not one, so a
+    bad record is skipped before it reaches the engine rather than failing a batch."""
+    reading = from_json(value)
+    if not (
+        isinstance(reading, dict)
+        and isinstance(reading.get("device_id"), str)
+        and isinstance(reading.get("type"), str)
+        and type(reading.get("ts")) is int
+        and isinstance(metrics := reading.get("metrics"), dict)
+    ):
+        raise ValueError("not a canonical reading")
+    for metric in metrics.values():
+        if not isinstance(metric, (int, float)):  # bool is an int
+            raise ValueError("not a canonical reading: a metric is not a number or a bool")
+    return cast(CanonicalReading, reading)
+
+
+# A compiled rule for one device: (key, metric value or None, event time) -> its alert.
+_Check = Callable[[Key, Any, int], Alert | None]
+# The rate rules of one metric and window for one device, in rule order: (key, limit) each.
+_RateMembers = tuple[tuple[Key, float], ...]
+# Compiled rate rules of one metric and window: (members, value, event time, alerts out).
+_RateCheck = Callable[[_RateMembers, Any, int, list[Alert]], None]
+# Buffered reading: (event time, arrival order, wall clock at arrival, reading).
+_Buffered = tuple[int, int, int, CanonicalReading]
 
 
 class _ReorderBuffer:
@@ -72,6 +103,8 @@ class _ReorderBuffer:
     A reading is released once a reading `grace` newer has arrived, or once it waited
     `grace` on the wall clock. One older than what was already released is late.
     """
+
+    __slots__ = ("grace_ms", "heap", "newest", "released")
 
     def __init__(self, grace_ms: int) -> None:
         self.grace_ms = grace_ms
@@ -82,29 +115,49 @@ class _ReorderBuffer:
     def offer(
         self, reading: CanonicalReading, order: int, now_ms: int
     ) -> list[CanonicalReading] | None:
-        ts = int(reading["ts"])
+        ts = reading["ts"]
         if ts <= self.released:
             return None
-        heapq.heappush(self.heap, _Buffered(ts, order, now_ms, reading))
-        self.newest = max(self.newest, ts)
+        heapq.heappush(self.heap, (ts, order, now_ms, reading))
+        if ts > self.newest:
+            self.newest = ts
         return self.release(now_ms)
 
     def release(self, now_ms: int) -> list[CanonicalReading]:
         out = []
-        while self.heap and (
-            self.heap[0].ts <= self.newest - self.grace_ms
-            or self.heap[0].arrived_ms <= now_ms - self.grace_ms
-        ):
-            item = heapq.heappop(self.heap)
-            self.released = item.ts
-            out.append(item.reading)
+        heap = self.heap
+        by_event = self.newest - self.grace_ms
+        by_wall = now_ms - self.grace_ms
+        while heap and (heap[0][0] <= by_event or heap[0][2] <= by_wall):
+            item = heapq.heappop(heap)
+            self.released = item[0]
+            out.append(item[3])
         return out
 
 
-class RuleEngine:
-    """Evaluates rules per device; `evaluate` for readings, `tick` for the wall clock.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The rules in scope of one device, resolved once: the index the engine reads per
+    reading. Valid while the registry holds the same record for the device (records are
+    immutable: a change is a new one) and its readings carry the same type."""
 
-    Keys of states that changed are collected in `changed`, for the caller to persist.
+    device: Device | None
+    device_type: str
+    checks: tuple[tuple[_Check, Key, str | None], ...]  # in rule order; metric None: absence
+    rates: tuple[tuple[_RateCheck, _RateMembers, str], ...]  # by metric and window
+    absence: tuple[tuple[AbsenceRule, Key], ...]
+
+
+class RuleEngine:
+    """Evaluates rules per device; `evaluate_batch` (or `evaluate`) for readings, `tick`
+    for the wall clock.
+
+    Rules are compiled once into checks, and each device's checks (the rules in its scope,
+    by type, id, site and room) are resolved on its first reading and again only when its
+    registry record changes. Rate rules of one metric and window are evaluated together,
+    and those of a device whose windows hold the same points share one list (each still
+    has its own state and record). Keys of states that changed are collected in `changed`,
+    for the caller to persist (`records`).
     """
 
     def __init__(
@@ -126,179 +179,322 @@ class RuleEngine:
         self.late = 0
         self._buffers: dict[str, _ReorderBuffer] = {}
         self._order = itertools.count()
-        self._by_type: dict[str, list[Rule]] = {}
-        for rule in self.rules:
-            for device_type in rule.device_types or []:
-                self._by_type.setdefault(device_type.value, []).append(rule)
-        self._any_type = [rule for rule in self.rules if not rule.device_types]
-        self._rules_for: dict[str, list[Rule]] = {}
+        # Rules with a device type before those for any type, as they always were.
+        ordered = sorted(self.rules, key=lambda rule: not rule.device_types)
+        self._compiled = [
+            (rule, self._compile(rule)) for rule in ordered if not isinstance(rule, RateRule)
+        ]
+        rate_groups: dict[tuple[str, float], list[RateRule]] = {}
+        for rule in ordered:
+            if isinstance(rule, RateRule):
+                rate_groups.setdefault((rule.metric, rule.window), []).append(rule)
+        self._rate_groups = [
+            (group, self._rate(metric, window * 1000))
+            for (metric, window), group in rate_groups.items()
+        ]
+        self._plans: dict[str, _Plan] = {}
 
     def evaluate(self, reading: CanonicalReading, now_ms: int) -> list[Alert]:
         """Take a canonical reading; alerts of the readings the reorder buffer releases."""
-        buffer = self._buffers.get(reading["device_id"])
-        if buffer is None:
-            buffer = self._buffers[reading["device_id"]] = _ReorderBuffer(self.grace_ms)
-        released = buffer.offer(reading, next(self._order), now_ms)
-        if released is None:
-            self.late += 1
-            return []
-        return [alert for r in released for alert in self._apply(r)]
+        return self.evaluate_batch((reading,), now_ms)
+
+    def evaluate_batch(self, readings: Iterable[CanonicalReading], now_ms: int) -> list[Alert]:
+        """Take canonical readings in arrival order; the alerts of those released."""
+        alerts: list[Alert] = []
+        buffers, order, grace_ms = self._buffers, self._order, self.grace_ms
+        for reading in readings:
+            device_id = reading["device_id"]
+            buffer = buffers.get(device_id)
+            if buffer is None:
+                buffer = buffers[device_id] = _ReorderBuffer(grace_ms)
+            released = buffer.offer(reading, next(order), now_ms)
+            if released is None:
+                self.late += 1
+                continue
+            for ready in released:
+                self._apply(ready, alerts)
+        return alerts
 
     def tick(self, now_ms: int) -> list[Alert]:
         """Release readings that waited out the grace, then check absence on the wall clock."""
-        alerts = [
-            alert
-            for buffer in self._buffers.values()
-            for reading in buffer.release(now_ms)
-            for alert in self._apply(reading)
-        ]
-        absence = [r for r in self.rules if isinstance(r, AbsenceRule)]
-        if absence:
-            for device in self.devices():
-                for rule in absence:
-                    if self._in_scope(rule, device.device_id, device.type.value, device):
-                        alerts.extend(self._absence_tick(rule, device.device_id, now_ms))
-        return alerts
-
-    def _in_scope(
-        self, rule: Rule, device_id: str, device_type: str, device: Device | None
-    ) -> bool:
-        if rule.device_types and device_type not in rule.device_types:
-            return False
-        if rule.devices and device_id not in rule.devices:
-            return False
-        if rule.site and (device is None or device.site != rule.site):
-            return False
-        return not (rule.room and (device is None or device.room != rule.room))
-
-    def _state(self, key: Key) -> RuleState:
-        state = self.states.get(key)
-        if state is None:
-            state = self.states[key] = RuleState()
-        return state
-
-    def _apply(self, reading: CanonicalReading) -> list[Alert]:
-        device_id, device_type = reading["device_id"], reading["type"]
-        rules = self._rules_for.get(device_type)
-        if rules is None:
-            rules = self._rules_for[device_type] = (
-                self._by_type.get(device_type, []) + self._any_type
-            )
-        if not rules:
-            return []
-        device = self.lookup(device_id)
         alerts: list[Alert] = []
-        for rule in rules:
-            if (rule.devices or rule.site or rule.room) and not self._in_scope(
-                rule, device_id, device_type, device
-            ):
-                continue
-            key = (rule.id, device_id)
-            if isinstance(rule, ThresholdRule | StateRule):
-                value = reading["metrics"].get(rule.metric)
-                if value is not None:
-                    alerts.extend(self._held(rule, key, value, reading["ts"]))
-            elif isinstance(rule, RateRule):
-                value = reading["metrics"].get(rule.metric)
-                if value is not None:
-                    alerts.extend(self._rate(rule, key, float(value), reading["ts"]))
-            else:
-                alerts.extend(self._seen(rule, key, reading["ts"]))
+        for buffer in self._buffers.values():
+            for reading in buffer.release(now_ms):
+                self._apply(reading, alerts)
+        if any(isinstance(rule, AbsenceRule) for rule in self.rules):
+            for device in self.devices():
+                plan = self._plan(device.device_id, device.type.value, device)
+                for rule, key in plan.absence:
+                    alert = self._absence_tick(rule, key, now_ms)
+                    if alert is not None:
+                        alerts.append(alert)
         return alerts
 
-    def _held(self, rule: ThresholdRule | StateRule, key: Key, value: Any, ts: int) -> list[Alert]:
-        state = self.states.get(key) or self._state(key)
+    def records(self, keys: Iterable[Key]) -> Iterator[tuple[Key, bytes | None]]:
+        """The JSON records of these states (None for one removed): `RuleState.as_dict`,
+        with a window shared by several rules encoded once."""
+        windows: dict[int, bytes] = {}  # id of a points list (alive meanwhile) -> its JSON
+        for key in keys:
+            state = self.states.get(key)
+            if state is None:
+                yield key, None
+                continue
+            points = windows.get(id(state.points))
+            if points is None:
+                points = windows[id(state.points)] = to_json(state.points)
+            yield (
+                key,
+                b"".join(
+                    (
+                        b'{"firing":true,"since":' if state.firing else b'{"firing":false,"since":',
+                        b"null" if state.since is None else b"%d" % state.since,
+                        b',"last_ts":',
+                        b"null" if state.last_ts is None else b"%d" % state.last_ts,
+                        b',"points":',
+                        points,
+                        b"}",
+                    )
+                ),
+            )
+
+    def _plan(self, device_id: str, device_type: str, device: Device | None) -> _Plan:
+        plan = self._plans.get(device_id)
+        if plan is None or plan.device is not device or plan.device_type != device_type:
+            in_scope = [
+                (rule, check)
+                for rule, check in self._compiled
+                if _in_scope(rule, device_id, device_type, device)
+            ]
+            rates = []
+            for group, check in self._rate_groups:
+                for rule in group:
+                    # A rule leaving (or joining) the scope stops (or starts) taking the
+                    # readings its window-mates take: windows are shared again only once
+                    # equal (see _rate).
+                    state = self.states.get((rule.id, device_id))
+                    if state is not None:
+                        state.points = list(state.points)
+                members = tuple(
+                    ((rule.id, device_id), rule.per_minute)
+                    for rule in group
+                    if _in_scope(rule, device_id, device_type, device)
+                )
+                if members:
+                    rates.append((check, members, group[0].metric))
+            plan = self._plans[device_id] = _Plan(
+                device,
+                device_type,
+                tuple(
+                    (check, (rule.id, device_id), getattr(rule, "metric", None))
+                    for rule, check in in_scope
+                ),
+                tuple(rates),
+                tuple(
+                    (rule, (rule.id, device_id))
+                    for rule, _ in in_scope
+                    if isinstance(rule, AbsenceRule)
+                ),
+            )
+        return plan
+
+    def _apply(self, reading: CanonicalReading, alerts: list[Alert]) -> None:
+        device_id = reading["device_id"]
+        plan = self._plan(device_id, reading["type"], self.lookup(device_id))
+        metrics, ts = reading["metrics"], reading["ts"]
+        for check, key, metric in plan.checks:
+            if metric is None:
+                alert = check(key, None, ts)
+            else:
+                value = metrics.get(metric)
+                if value is None:
+                    continue
+                alert = check(key, value, ts)
+            if alert is not None:
+                alerts.append(alert)
+        for rate, members, metric in plan.rates:
+            value = metrics.get(metric)
+            if value is not None:
+                rate(members, value, ts, alerts)
+
+    def _compile(self, rule: Rule) -> _Check:
         if isinstance(rule, ThresholdRule):
-            holds = _OPS[rule.op](value, rule.value)
+            return self._threshold(rule)
+        if isinstance(rule, StateRule):
+            return self._state_check(rule)
+        assert isinstance(rule, AbsenceRule)  # rate rules are compiled by metric and window
+        return self._seen(rule)
+
+    def _threshold(self, rule: ThresholdRule) -> _Check:
+        holds_op, limit, clear, for_ms = _OPS[rule.op], rule.value, rule.clear, rule.for_ * 1000
+        above = rule.op in (">", ">=")
+        states, rule_id, metric = self.states, rule.id, rule.metric
+        suffix = " for {:g} s" if rule.for_ else ""
+
+        def check(key: Key, value: Any, ts: int) -> Alert | None:
+            holds = holds_op(value, limit)
+            state = states.get(key)
+            if state is None:
+                if not holds:
+                    return None  # nothing to remember: no state until the condition holds
+                state = states[key] = RuleState()
             if state.firing:
-                if rule.clear is None:
+                if clear is None:
                     cleared = not holds
-                elif rule.op in (">", ">="):
-                    cleared = value <= rule.clear
+                elif above:
+                    cleared = value <= clear
                 else:
-                    cleared = value >= rule.clear
-        else:
-            holds = value is rule.equals
-            cleared = not holds
-        if state.firing:
-            if cleared:
-                state.firing, state.since = False, None
-                self.changed.add(key)
-                message = f"{rule.metric} back to {_show(value)}"
-                return [Alert(rule.id, key[1], "resolved", value, ts, message)]
-            return []
+                    cleared = value >= clear
+                return self._resolve(state, rule_id, metric, key, value, ts) if cleared else None
+            held = self._held(state, key, holds, ts, for_ms)
+            if held is None:
+                return None
+            what = f"{metric} {value:g} {rule.op} {limit:g}" + suffix.format(held)
+            return Alert(rule_id, key[1], "firing", value, ts, what)
+
+        return check
+
+    def _state_check(self, rule: StateRule) -> _Check:
+        equals, for_ms = rule.equals, rule.for_ * 1000
+        states, rule_id, metric = self.states, rule.id, rule.metric
+        suffix = " for {:g} s" if rule.for_ else ""
+
+        def check(key: Key, value: Any, ts: int) -> Alert | None:
+            holds = value is equals
+            state = states.get(key)
+            if state is None:
+                if not holds:
+                    return None
+                state = states[key] = RuleState()
+            if state.firing:
+                return None if holds else self._resolve(state, rule_id, metric, key, value, ts)
+            held = self._held(state, key, holds, ts, for_ms)
+            if held is None:
+                return None
+            what = f"{metric} is {str(equals).lower()}" + suffix.format(held)
+            return Alert(rule_id, key[1], "firing", value, ts, what)
+
+        return check
+
+    def _resolve(
+        self, state: RuleState, rule_id: str, metric: str, key: Key, value: Any, ts: int
+    ) -> Alert:
+        state.firing, state.since = False, None
+        self.changed.add(key)
+        return Alert(rule_id, key[1], "resolved", value, ts, f"{metric} back to {_show(value)}")
+
+    def _held(
+        self, state: RuleState, key: Key, holds: bool, ts: int, for_ms: float
+    ) -> float | None:
+        """For a rule not firing: start or stop the `for` clock; the seconds the condition
+        held when it fires now, else None."""
         if not holds:
             if state.since is not None:
                 state.since = None
                 self.changed.add(key)
-            return []
+            return None
         if state.since is None:
             state.since = ts
             self.changed.add(key)
-        if ts - state.since >= rule.for_ * 1000:
-            held = (ts - state.since) / 1000
-            state.firing, state.since = True, None
+        if ts - state.since < for_ms:
+            return None
+        held = (ts - state.since) / 1000
+        state.firing, state.since = True, None
+        self.changed.add(key)
+        return held
+
+    def _rate(self, metric: str, window_ms: float) -> _RateCheck:
+        states, changed = self.states, self.changed
+
+        def check(members: _RateMembers, number: Any, ts: int, alerts: list[Alert]) -> None:
+            value = float(number)
+            cutoff = ts - window_ms
+            moved: list[list[tuple[int, float]]] = []  # windows that took this reading
+            for key, limit in members:
+                state = states.get(key)
+                if state is None:
+                    state = states[key] = RuleState()
+                points = state.points
+                for window in moved:
+                    if window is points:
+                        break
+                else:
+                    # Points are in event-time order (the reorder buffer's): the old ones lead.
+                    drop = 0
+                    while drop < len(points) and points[drop][0] < cutoff:
+                        drop += 1
+                    del points[:drop]
+                    points.append((ts, value))
+                    # Rules of one metric and window fed the same readings from equal
+                    # windows keep equal ones: share the list, move it once a reading.
+                    for window in moved:
+                        if window == points:
+                            state.points = points = window
+                            break
+                    else:
+                        moved.append(points)
+                changed.add(key)
+                first_ts, first_value = points[0]
+                span_min = (ts - first_ts) / 60_000
+                # A rate over less than a tenth of the window is noise, not a trend.
+                if span_min * 60_000 < window_ms / 10:
+                    continue
+                per_minute = (value - first_value) / span_min
+                if abs(per_minute) > limit and not state.firing:
+                    state.firing = True
+                    message = f"{metric} changing {per_minute:+.2f}/min (limit {limit:g})"
+                    alerts.append(
+                        Alert(key[0], key[1], "firing", round(per_minute, 4), ts, message)
+                    )
+                elif abs(per_minute) <= limit and state.firing:
+                    state.firing = False
+                    message = f"{metric} changing {per_minute:+.2f}/min"
+                    alerts.append(
+                        Alert(key[0], key[1], "resolved", round(per_minute, 4), ts, message)
+                    )
+
+        return check
+
+    def _seen(self, rule: AbsenceRule) -> _Check:
+        states, rule_id = self.states, rule.id
+
+        def check(key: Key, _: Any, ts: int) -> Alert | None:
+            state = states.get(key)
+            if state is None:
+                state = states[key] = RuleState()
+            state.last_ts = max(state.last_ts or 0, ts)
             self.changed.add(key)
-            if isinstance(rule, ThresholdRule):
-                what = f"{rule.metric} {value:g} {rule.op} {rule.value:g}"
-            else:
-                what = f"{rule.metric} is {str(rule.equals).lower()}"
-            suffix = f" for {held:g} s" if rule.for_ else ""
-            return [Alert(rule.id, key[1], "firing", value, ts, what + suffix)]
-        return []
+            if state.firing:
+                state.firing = False
+                return Alert(rule_id, key[1], "resolved", None, ts, "reading again")
+            return None
 
-    def _rate(self, rule: RateRule, key: Key, value: float, ts: int) -> list[Alert]:
-        state = self._state(key)
-        window_ms = rule.window * 1000
-        state.points = [p for p in state.points if p[0] >= ts - window_ms] + [[ts, value]]
-        self.changed.add(key)
-        first_ts, first_value = state.points[0]
-        span_min = (ts - first_ts) / 60_000
-        # A rate over less than a tenth of the window is noise, not a trend.
-        if span_min * 60_000 < window_ms / 10:
-            return []
-        per_minute = (value - first_value) / span_min
-        if abs(per_minute) > rule.per_minute and not state.firing:
-            state.firing = True
-            message = f"{rule.metric} changing {per_minute:+.2f}/min (limit {rule.per_minute:g})"
-            return [Alert(rule.id, key[1], "firing", round(per_minute, 4), ts, message)]
-        if abs(per_minute) <= rule.per_minute and state.firing:
-            state.firing = False
-            message = f"{rule.metric} changing {per_minute:+.2f}/min"
-            return [Alert(rule.id, key[1], "resolved", round(per_minute, 4), ts, message)]
-        return []
+        return check
 
-    def _seen(self, rule: AbsenceRule, key: Key, ts: int) -> list[Alert]:
-        state = self._state(key)
-        state.last_ts = max(state.last_ts or 0, ts)
-        self.changed.add(key)
-        if state.firing:
-            state.firing = False
-            return [Alert(rule.id, key[1], "resolved", None, ts, "reading again")]
-        return []
-
-    def _absence_tick(self, rule: AbsenceRule, device_id: str, now_ms: int) -> list[Alert]:
-        key = (rule.id, device_id)
+    def _absence_tick(self, rule: AbsenceRule, key: Key, now_ms: int) -> Alert | None:
         state = self.states.get(key)
         if state is not None and state.firing:
-            return []
+            return None
         last = state.last_ts if state is not None and state.last_ts else self.started_ms
         silent = (now_ms - last) / 1000
         if silent <= rule.after:
-            return []
-        state = self._state(key)
+            return None
+        if state is None:
+            state = self.states[key] = RuleState()
         state.firing = True
         self.changed.add(key)
-        return [
-            Alert(
-                rule.id,
-                device_id,
-                "firing",
-                round(silent, 1),
-                now_ms,
-                f"no reading for {silent:.0f} s",
-            )
-        ]
+        return Alert(
+            rule.id, key[1], "firing", round(silent, 1), now_ms, f"no reading for {silent:.0f} s"
+        )
+
+
+def _in_scope(rule: Rule, device_id: str, device_type: str, device: Device | None) -> bool:
+    if rule.device_types and device_type not in rule.device_types:
+        return False
+    if rule.devices and device_id not in rule.devices:
+        return False
+    if rule.site and (device is None or device.site != rule.site):
+        return False
+    return not (rule.room and (device is None or device.room != rule.room))
 
 
 def _show(value: Any) -> str:

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic_core import from_json, to_json
 
 from gateway.domain.records import CanonicalReading
-from gateway.domain.rules import Alert, RuleEngine
+from gateway.domain.rules import Alert, RuleEngine, RuleState, decode_reading
 from gateway.domain.rules_file import RulesFileError, load_rules
 from schemas import Device, DeviceType
-from schemas.rules import RulesFile
+from schemas.rules import METRICS_OF, RulesFile
 
 pytestmark = pytest.mark.unit
 
@@ -157,6 +158,26 @@ def test_rate_rule_fires_on_a_fast_change_and_resolves_when_it_calms() -> None:
     assert alerts[0].value == pytest.approx(3.0)
 
 
+def test_rate_state_restored_from_its_record_resumes_the_window() -> None:
+    """An engine restarted from its states' JSON records mid-window alerts like one that ran on."""
+    rule = {
+        "id": "rising", "kind": "rate", "device_types": ["thermostat"],
+        "metric": "temperature_c", "per_minute": 2.0, "window": "60s",
+    }  # fmt: skip
+    series = [(i * 10, 20 + 0.5 * i) for i in range(7)] + [(70 + i * 10, 23.0) for i in range(8)]
+    whole = feed(engine(rule), "t1", series, "temperature_c")
+    first = engine(rule)
+    alerts = feed(first, "t1", series[:5], "temperature_c")
+    restarted = engine(rule)
+    restarted.states.update(
+        (key, RuleState.from_dict(from_json(to_json(state.as_dict()))))
+        for key, state in first.states.items()
+    )
+    alerts += feed(restarted, "t1", series[5:], "temperature_c")
+    assert alerts == whole
+    assert [a.state for a in alerts] == ["firing", "resolved"]
+
+
 def test_absence_fires_on_the_wall_clock_and_resolves_with_the_next_reading() -> None:
     """No reading for `after`: firing from tick(); the next reading resolves it."""
     rules = engine({"id": "silent", "kind": "absence", "device_types": ["contact"], "after": "5m"})
@@ -248,3 +269,165 @@ def test_hysteresis_clear_on_the_wrong_side_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(RulesFileError, match="clear must be at or below value"):
         load_rules(path)
+
+
+def test_rules_in_scope_follow_registry_changes_of_site_room_and_type() -> None:
+    """A device moved to another site, room or type is evaluated against the rules of its
+    new scope from its next reading on, not those resolved for its old record."""
+    registry = {"m": Device(device_id="m", type=DeviceType.THERMOSTAT, registered_at=0,
+                            site="home", room="kitchen")}  # fmt: skip
+    rules = RuleEngine(
+        RulesFile.model_validate({"rules": [
+            {**TOO_WARM, "id": "home", "for": "0s", "site": "home"},
+            {**TOO_WARM, "id": "office", "for": "0s", "site": "office"},
+            {**TOO_WARM, "id": "hall", "for": "0s", "room": "hall"},
+            {"id": "plug", "kind": "threshold", "device_types": ["smart_plug"],
+             "metric": "power_w", "op": ">", "value": 3000},
+        ]}).rules,
+        registry.get, grace_ms=0,
+    )  # fmt: skip
+
+    def fired(ts: int, device_type: str = "thermostat", **metrics: Any) -> set[str]:
+        alerts = rules.evaluate(
+            CanonicalReading(device_id="m", type=device_type, ts=ts, seq=0, metrics=metrics,
+                             received_at=ts), ts,
+        )  # fmt: skip
+        return {a.rule for a in alerts if a.state == "firing"}
+
+    assert fired(T0, temperature_c=35) == {"home"}
+    registry["m"] = registry["m"].model_copy(update={"site": "office", "room": "hall"})
+    assert fired(T0 + 1000, temperature_c=20) == set()  # "home" resolves, no longer in scope
+    assert fired(T0 + 2000, temperature_c=35) == {"office", "hall"}
+    registry["m"] = registry["m"].model_copy(update={"type": DeviceType.SMART_PLUG})
+    assert fired(T0 + 3000, "smart_plug", power_w=3500.0) == {"plug"}
+
+
+def test_indexed_engine_alerts_like_one_engine_per_rule_on_a_mixed_workload() -> None:
+    """Many rules of every kind and scope over a mixed fleet whose registry changes midway:
+    every rule and device gets the same alerts as an engine holding only that rule, fed
+    only the readings in the rule's scope (decided here, without the engine's index)."""
+    examples = load_rules(ROOT / "rules.yaml").rules
+    scopes: list[dict[str, Any]] = [
+        {},
+        {"site": "home"},
+        {"room": "kitchen"},
+        {"devices": ["d1", "d4"]},
+    ]
+    rules = [
+        rule.model_copy(update={"id": f"{rule.id}-{n}", **scope})
+        for n, scope in enumerate(scopes)
+        for rule in examples
+    ]
+    types = [DeviceType.THERMOSTAT, DeviceType.AIR_QUALITY, DeviceType.MOTION,
+             DeviceType.CONTACT, DeviceType.SMART_PLUG]  # fmt: skip
+    registry = {
+        f"d{i}": Device(device_id=f"d{i}", type=types[i % 5], registered_at=0,
+                        site=("home", "office")[i % 2], room=("kitchen", "hall", None)[i % 3])
+        for i in range(10)
+    }  # fmt: skip
+    values: dict[str, list[float | bool]] = {
+        "temperature_c": [10.0, 15.0, 26.0, 29.0, 31.0], "co2_ppm": [500.0, 1500.0],
+        "pm2_5_ugm3": [5.0, 40.0], "battery_pct": [10.0, 50.0], "power_w": [100.0, 3500.0],
+        "open": [True, False], "on": [True, False], "motion": [True, False],
+    }  # fmt: skip
+    workload: list[tuple[dict[str, Device], CanonicalReading]] = []
+    for step in range(400):
+        if step == 200:
+            registry = dict(registry)
+            registry["d0"] = registry["d0"].model_copy(update={"site": "office", "room": "hall"})
+            registry["d3"] = registry["d3"].model_copy(update={"room": "kitchen"})
+            registry["d5"] = registry["d5"].model_copy(update={"type": DeviceType.AIR_QUALITY})
+        device = registry[f"d{step % 10}"]
+        ts = T0 + step * 60_000 + (step % 7) * 1000
+        metric_names = [m for m in values if m in METRICS_OF[device.type]]
+        metrics = {
+            m: values[m][(step * 7 + i) % len(values[m])] for i, m in enumerate(metric_names)
+        }
+        workload.append((registry, CanonicalReading(
+            device_id=device.device_id, type=device.type.value, ts=ts, seq=step,
+            metrics=metrics, received_at=ts,
+        )))  # fmt: skip
+
+    current: dict[str, dict[str, Device]] = {"registry": workload[0][0]}
+    indexed = RuleEngine(rules, lambda d: current["registry"].get(d), grace_ms=120_000)
+    got: list[Alert] = []
+    for registry_now, read in workload:
+        current["registry"] = registry_now
+        got += indexed.evaluate(read, read["ts"])
+    for rule in rules:
+        alone = RuleEngine([rule.model_copy(update={"device_types": None, "devices": None,
+                                                    "site": None, "room": None})],
+                           lambda d: None, grace_ms=120_000)  # fmt: skip
+        expected: list[Alert] = []
+        for registry_now, read in workload:
+            device = registry_now[read["device_id"]]
+            if (
+                (not rule.device_types or read["type"] in rule.device_types)
+                and (not rule.devices or read["device_id"] in rule.devices)
+                and (not rule.site or device.site == rule.site)
+                and (not rule.room or device.room == rule.room)
+            ):
+                expected += alone.evaluate(read, read["ts"])
+        assert [a for a in got if a.rule == rule.id] == expected, rule.id
+    assert len(got) > 15
+
+
+def test_rate_rules_sharing_a_window_alert_like_separate_engines_across_scope_changes() -> None:
+    """Rate rules sharing windows alert like separate engines, through scope moves and a restart."""
+    rising = {"kind": "rate", "metric": "temperature_c", "per_minute": 2.0, "window": "2m"}
+    rules = RulesFile.model_validate({"rules": [
+        {**rising, "id": "all"}, {**rising, "id": "home", "site": "home"},
+        {**rising, "id": "slow", "per_minute": 5.0}, {**rising, "id": "short", "window": "1m"},
+    ]}).rules  # fmt: skip
+    moves = {20: "office", 33: "home", 60: "office", 66: "home"}
+    registry = {"m": Device(device_id="m", type=DeviceType.THERMOSTAT, registered_at=0,
+                            site="home")}  # fmt: skip
+    workload: list[tuple[Device, CanonicalReading]] = []
+    for step in range(120):
+        if step in moves:
+            registry["m"] = registry["m"].model_copy(update={"site": moves[step]})
+        ts = T0 + step * 10_000
+        value = 20 + (step % 30) * (0.6 if step % 60 < 30 else -0.1)
+        workload.append((registry["m"], reading("m", ts, temperature_c=value)))
+
+    def run(engine: RuleEngine, part: list[tuple[Device, CanonicalReading]]) -> list[Alert]:
+        alerts: list[Alert] = []
+        for device, read in part:
+            registry["m"] = device
+            alerts += engine.evaluate(read, read["ts"])
+        return alerts
+
+    shared = RuleEngine(rules, registry.get, grace_ms=0)
+    got = run(shared, workload[:70])
+    assert shared.states[("all", "m")].points is shared.states[("slow", "m")].points
+    records = dict(shared.records(shared.states))
+    assert records == {key: to_json(s.as_dict()) for key, s in shared.states.items()}
+    restarted = RuleEngine(rules, registry.get, grace_ms=0)
+    restarted.states.update(
+        (key, RuleState.from_dict(from_json(value)))
+        for key, value in records.items()
+        if value is not None
+    )
+    got += run(restarted, workload[70:])
+    for rule in rules:
+        alone = RuleEngine([rule.model_copy(update={"site": None})], lambda d: None, grace_ms=0)
+        expected = [
+            alert
+            for device, read in workload
+            if not rule.site or device.site == rule.site
+            for alert in alone.evaluate(read, read["ts"])
+        ]
+        assert [a for a in got if a.rule == rule.id] == expected, rule.id
+    assert {a.rule for a in got} == {"all", "home", "slow", "short"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"{", b"[]", b'{"device_id": "a", "type": "thermostat", "ts": "x", "metrics": {}}',
+     b'{"device_id": "a", "type": "thermostat", "ts": 1, "metrics": {"t": "hot"}}',
+     b'{"device_id": "a", "type": "thermostat", "ts": 1}'],
+)  # fmt: skip
+def test_decode_reading_refuses_what_is_not_a_canonical_reading(value: bytes) -> None:
+    """A record the engine could not evaluate is refused at decoding, before its batch."""
+    with pytest.raises(ValueError, match=r"not a canonical reading|JSON|EOF"):
+        decode_reading(value)
