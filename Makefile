@@ -51,7 +51,7 @@ demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then a
 	$(BIN)/iotgw stack up
 	$(BIN)/python -m simulators.demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION)
 
-bench: setup ## iotgw against the raw ceiling and a naive bridge (under 10 minutes)
+bench: setup ## iotgw against a tuned Telegraf and the ceilings; writer, rules (about 6 minutes)
 	$(BIN)/iotgw stack up
 	$(BIN)/iotgw bench
 

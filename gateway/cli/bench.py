@@ -32,8 +32,11 @@ def bench_command(
     out: Annotated[Path, typer.Option(help="Where latest.json and latest.png go.")] = Path(
         "bench-results"
     ),
+    profile: Annotated[
+        bool, typer.Option(help="Sample iotgw's drain with py-spy: the time per stage.")
+    ] = False,
 ) -> None:
-    """iotgw against the raw ceiling (mosquitto_sub | a console producer) and a naive bridge."""
+    """iotgw against a tuned Telegraf and the ceilings (Mosquitto, Kafka); writer, rules."""
     settings = load_settings()
     chosen = [r.strip() for r in runs.split(",") if r.strip()]
     unknown = [r for r in chosen if r not in RUNS]
@@ -44,7 +47,7 @@ def bench_command(
     except ValueError:
         raise IotgwError("--rates takes numbers, like 1000,5000", exit_code=2) from None
     try:
-        from simulators.bench.harness import bench, bench_table
+        from simulators.bench.harness import aims_table, bench, bench_table, profile_table
     except ImportError as exc:
         raise IotgwError(
             f"the benchmark runs from a checkout of iotgw with its dev tools ({exc})"
@@ -61,7 +64,11 @@ def bench_command(
             runs=chosen,
             out=out,
             report=say,
+            profile=profile,
         )
     )
     console.print(bench_table(results))
+    if (profiled := profile_table(results)) is not None:
+        console.print(profiled)
+    console.print(aims_table(results))
     console.print(f"results: {out / 'latest.json'}, chart: {out / 'latest.png'}", highlight=False)

@@ -33,11 +33,11 @@ from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 from gmqtt import Client
 from gmqtt.storage import PersistentStorage
+from pydantic_core import from_json
 from rich.table import Table
 
 from devstack.installer import ensure_debian_packages, ensure_kafka, kafka_version
 from devstack.stack import LOCAL_TEMPLATES
-from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import create_consumer, ensure_topics, kafka_admin, topic_partitions
 from gateway.adapters.mqtt import publish_in_window
 from gateway.clock import now_ms
@@ -45,6 +45,11 @@ from gateway.errors import IotgwError
 from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
 from gateway.topics import MQTT_TELEMETRY_FILTER, Topics
+from simulators.bench import rules as rules_bench
+from simulators.bench import writer as writer_bench
+from simulators.bench.profile import Recording
+from simulators.bench.telegraf import config as telegraf_config
+from simulators.bench.telegraf import ensure_telegraf
 from simulators.fleet import FleetTraffic, build_fleet
 from simulators.processes import ServiceProcess, usage
 
@@ -144,10 +149,12 @@ class Watch:
             for records in batches.values():
                 for record in records:
                     self.records += 1
-                    value = json.loads(record.value)
+                    value = from_json(record.value)
                     key = record.key.decode() if record.key else ""
                     device = value.get("device_id") or (key.split("/")[1] if "/" in key else key)
-                    self.arrived.setdefault((device, value["seq"]), now)
+                    # Telegraf's JSON puts the reading's numbers under "fields".
+                    seq = value["seq"] if "seq" in value else value["fields"]["seq"]
+                    self.arrived.setdefault((device, seq), now)
 
     async def until(self, keys: set[tuple[str, int]], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -179,6 +186,7 @@ class Subject:
     settings: Settings
     topic: str
     logs: Path
+    binary: Path | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -217,14 +225,23 @@ class Subject:
             sub.stdout.close()
             self.processes = [sub, producer]
             await asyncio.sleep(3)  # neither says when it is ready: the JVM starts in ~2 s
-        elif self.name == "naive_bridge":
-            # The baseline has no health endpoint: it says when it has connected.
-            marker = "event=naive_bridge_started"
+        elif self.name in ("naive_bridge", "telegraf"):
+            # Neither has a health endpoint: each says when it has connected, then
+            # subscribes (paho in its own thread, Telegraf right after).
+            if self.name == "naive_bridge":
+                marker = "event=naive_bridge_started"
+                command = [sys.executable, "-m", "simulators.bench.baselines.naive_bridge"]
+            else:
+                assert self.binary is not None
+                marker = "I! [inputs.mqtt_consumer] Connected"
+                conf = self.logs / "telegraf.conf"
+                conf.write_text(telegraf_config(self.measured, self.topic))
+                command = [str(self.binary), "--config", str(conf)]
             path = self.logs / f"{self.name}.log"
             before = path.read_text().count(marker) if path.exists() else 0
             self.processes = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "simulators.bench.baselines.naive_bridge"],
+                    command,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **self.measured.environment()},
@@ -235,7 +252,7 @@ class Subject:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
                     raise IotgwError(f"{self.name} did not start; see {path}")
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # paho subscribes in its own thread after connecting
+            await asyncio.sleep(1.0)
         else:
             workers = self.name.removeprefix("iotgw_")
             bridge = ServiceProcess(
@@ -283,8 +300,10 @@ async def measure(
     rates: list[float],
     seconds: float,
     report: Report,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Drain, live and latency figures of one subject."""
+    """Drain, live and latency figures of one subject; with `profile`, where its drain's
+    time went (py-spy's samples written there)."""
     backlog = readings[: len(readings) - live - sum(int(r * seconds) for r in rates)]
     rest = readings[len(backlog) :]
     report(f"{subject.name}: creating its session, then preloading {len(backlog)} readings")
@@ -296,21 +315,35 @@ async def measure(
         report(f"{subject.name}: draining the backlog")
         started = time.perf_counter()
         await subject.start()
+        cpu_at_start, _ = subject.usage()
+        recording = Recording(subject.processes[0].pid, profile) if profile else None
         finished = await watch.until({r.key for r in backlog}, DRAIN_LIMIT_S)
         drain_s = time.perf_counter() - started
-        drained = sum(1 for r in backlog if r.key in watch.arrived)
+        stages = recording.stop() if recording else None
+        times = sorted(watch.arrived[r.key] for r in backlog if r.key in watch.arrived)
+        drained = len(times)
+        # The drain rate is the backlog over the time from its first reading in Kafka to its
+        # last: the subject's speed, not its start-up (Telegraf starts in 0.1 s, the
+        # bridge in about 2: two Python processes, the registry read from Kafka).
+        steady_s = times[-1] - times[0] if drained > 1 else drain_s
         cpu, _ = subject.usage()
         result: dict[str, Any] = {
             "name": subject.name,
-            "readings_per_s": round(drained / drain_s),
+            "readings_per_s": round(drained / max(steady_s, 1e-3)),
             "drain": {
                 "readings": drained,
                 "of": len(backlog),
                 "seconds": round(drain_s, 2),
+                "startup_s": round(times[0] - started, 2) if times else None,
+                "readings_per_s_with_startup": round(drained / drain_s),
                 "finished": finished,
             },
-            "cpu_s_per_10k": round(cpu / max(drained, 1) * 10_000, 2),
+            # Its CPU from when it was started and ready (imports, registry, connections
+            # done) to the end of the drain.
+            "cpu_s_per_10k": round((cpu - cpu_at_start) / max(drained, 1) * 10_000, 2),
         }
+        if stages is not None:
+            result["profile"] = stages
         if finished:
             report(f"{subject.name}: publishing {live} readings live")
             live_readings, rest = rest[:live], rest[live:]
@@ -352,29 +385,78 @@ async def measure(
     return result
 
 
-async def writer_points_per_s(settings: Settings, expected: int, logs: Path) -> dict[str, Any]:
-    group = {"writer_group": f"{settings.topic_prefix}-writer"}
-    writer = ServiceProcess("writer", settings.model_copy(update=group), logs / "writer.log")
-    writer.start()
-    started = time.perf_counter()
-    count = 0
-    try:
-        async with InfluxClient(str(settings.influx_url)) as influx:
-            while time.perf_counter() - started < 120:
-                try:
-                    found = await influx.rows(
-                        'SELECT count("seq") FROM /.*/', db=settings.influx_db
-                    )
-                    count = sum(int(row[1]) for row in found)
-                except IotgwError:
-                    count = 0
-                if count >= expected:
-                    break
-                await asyncio.sleep(0.25)
-    finally:
-        writer.stop()
-    seconds = time.perf_counter() - started
-    return {"points": count, "seconds": round(seconds, 2), "points_per_s": round(count / seconds)}
+async def mosquitto_ceiling(
+    settings: Settings, readings: list[Reading], logs: Path, report: Report
+) -> dict[str, Any]:
+    """Mosquitto's own drain rate: `mosquitto_sub` (QoS 1, persistent session) to /dev/null."""
+    command = [
+        "mosquitto_sub", "-h", settings.mqtt.host, "-p", str(settings.mqtt.port), "-V", "mqttv5",
+        "-c", "-x", "900", "-i", settings.mqtt_client_id, "-q", "1", "-t", MQTT_TELEMETRY_FILTER,
+    ]  # fmt: skip
+    report(f"mosquitto_sub: creating its session, then preloading {len(readings)} readings")
+    with (logs / "mosquitto_sub.log").open("ab") as log:
+        subprocess.run([*command, "-E"], stderr=log, check=True, timeout=30)
+        try:
+            async with Publisher(settings) as publisher:
+                await publisher.run(readings)
+            report("mosquitto_sub: draining the backlog")
+            started = time.perf_counter()
+            drain = subprocess.Popen(
+                [*command, "-C", str(len(readings))], stdout=subprocess.DEVNULL, stderr=log
+            )
+            try:
+                drain.wait(DRAIN_LIMIT_S)
+            except subprocess.TimeoutExpired:
+                drain.kill()
+            seconds = time.perf_counter() - started
+        finally:
+            await forget_sessions(settings, [settings.mqtt_client_id])
+    finished = drain.wait() == 0
+    return {
+        "name": "mosquitto_sub",
+        "readings": len(readings),
+        "seconds": round(seconds, 2),
+        "readings_per_s": round(len(readings) / seconds) if finished else None,
+        "finished": finished,
+    }
+
+
+async def kafka_ceiling(
+    settings: Settings, readings: list[Reading], topic: str, logs: Path, report: Report
+) -> dict[str, Any]:
+    """Kafka's own produce rate: its ProducerPerformance tool, acks=all, records of the
+    canonical reading's mean size, as fast as it can, into a topic like iot.readings."""
+    size = round(statistics.fmean(len(canonical(r)) for r in readings[:1000]))
+    kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", logs / "install.log", report)
+    report(f"kafka ProducerPerformance: {len(readings)} records of {size} bytes, acks=all")
+    log4j = f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}"
+    done = subprocess.run(
+        ["java", "-Xmx512m", log4j, "-cp", kafka.classpath,
+         "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
+         "--num-records", str(len(readings)), "--record-size", str(size), "--throughput", "-1",
+         "--producer-props", f"bootstrap.servers={settings.kafka_bootstrap}", "acks=all"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    (logs / "producer-performance.log").write_text(done.stdout + done.stderr)
+    # Its last line: "N records sent, R records/sec (M MB/sec), A ms avg latency, ..."
+    summary = [line for line in done.stdout.splitlines() if " records sent, " in line]
+    if done.returncode or not summary:
+        raise IotgwError(f"Kafka's ProducerPerformance failed; see {logs}/producer-performance.log")
+    rate = float(summary[-1].split(", ")[1].split()[0])
+    return {
+        "name": "kafka_producer_perf",
+        "readings": len(readings),
+        "record_bytes": size,
+        "readings_per_s": round(rate),
+        "summary": summary[-1],
+    }
+
+
+def canonical(reading: Reading) -> bytes:
+    """The record iot.readings would hold for `reading` (for its size)."""
+    value = json.loads(reading.payload)
+    value.update(device_id=reading.key[0], received_at=value["ts"])
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def machine() -> dict[str, Any]:
@@ -416,8 +498,10 @@ async def bench(
     runs: list[str],
     out: Path,
     report: Report,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Every run, one after the other, on the same pre-generated readings."""
+    """The ceilings, every run one after the other on the same pre-generated readings,
+    then the writer and the rules engine; the figures against the aims."""
     out.mkdir(parents=True, exist_ok=True)
     ensure_debian_packages(["mosquitto_sub"], out / "install.log", report)
     total = readings + live + sum(int(r * seconds) for r in rates)
@@ -425,31 +509,35 @@ async def bench(
     pregenerated = pregenerate(total)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": machine(), "runs": []}
+    results: dict[str, Any] = {"machine": machine(), "ceilings": [], "runs": []}
+    results["ceilings"] = await ceilings(base, pregenerated[:readings], logs, report)
     for name in runs:
         suffix = uuid.uuid4().hex[:8]
         settings = base.model_copy(update={
             "topic_prefix": f"bench{suffix}", "mqtt_client_id": f"bench-{name}-{suffix}",
-            "influx_db": f"bench_{suffix}",
         })  # fmt: skip
         topics = Topics(settings.topic_prefix)
         await ensure_topics(settings)
         topic = topics.readings
-        if name in ("raw_pipe", "naive_bridge"):
-            topic = f"{settings.topic_prefix}.{'raw' if name == 'raw_pipe' else 'naive'}"
+        binary = None
+        if name == "telegraf":
+            binary = ensure_telegraf(out / "install.log", report)
+            if binary is None:
+                continue
+        if name in ("raw_pipe", "naive_bridge", "telegraf"):
+            topic = f"{settings.topic_prefix}.{name}"
             async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
                 await admin.create_topics([NewTopic(topic, settings.readings_partitions, 1)])
         else:
             fleet = build_fleet(DEVICES, 7)
             async with RegistryWriter(settings) as writer:
                 await writer.put(*(device.record() for device in fleet))
-        subject = Subject(name, settings, topic, logs)
+        subject = Subject(name, settings, topic, logs, binary)
         try:
-            run = await measure(subject, pregenerated, live, rates, seconds, report)
-            if name == "iotgw_1" and run["lost"] is not None:
-                report("writer: points/s into InfluxDB over iotgw_1's readings")
-                run["writer"] = await writer_points_per_s(settings, total, logs)
-            results["runs"].append(run)
+            spied = out / f"profile-{name}.txt" if profile and name.startswith("iotgw") else None
+            results["runs"].append(
+                await measure(subject, pregenerated, live, rates, seconds, report, spied)
+            )
         finally:
             subject.stop()
             await forget_sessions(settings, [subject.client_id])
@@ -457,12 +545,63 @@ async def bench(
                 await admin.delete_topics(
                     [s.name for s in topics.specs()] + ([topic] if topic != topics.readings else [])
                 )
-            async with InfluxClient(str(settings.influx_url)) as influx:
-                await influx.query(f'DROP DATABASE "{settings.influx_db}"', method="POST")
-    out.mkdir(parents=True, exist_ok=True)
+    results["writer"] = await writer_bench.measure(base, readings, logs, report)
+    results["rules"] = await rules_bench.measure(base, readings, logs, report)
+    results["aims"] = aims(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, out / "latest.png")
     return results
+
+
+async def ceilings(
+    base: Settings, readings: list[Reading], logs: Path, report: Report
+) -> list[dict[str, Any]]:
+    """Mosquitto's drain rate and Kafka's produce rate on this machine, now."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = base.model_copy(update={"mqtt_client_id": f"bench-ceiling-{suffix}"})
+    topic = f"bench{suffix}.producer-performance"
+    found = [await mosquitto_ceiling(settings, readings, logs, report)]
+    async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+        await admin.create_topics([NewTopic(topic, settings.readings_partitions, 1)])
+    try:
+        found.append(await kafka_ceiling(settings, readings, topic, logs, report))
+    finally:
+        async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
+            await admin.delete_topics([topic])
+    return found
+
+
+def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #16's aims, each with the figure of this run and whether it is met."""
+    by_name = {run["name"]: run for run in results["runs"]}
+    iotgw, telegraf = by_name.get("iotgw_1"), by_name.get("telegraf")
+    found: list[dict[str, Any]] = []
+
+    def aim(what: str, figure: float | None, target: float | None, met: bool) -> None:
+        found.append({"aim": what, "figure": figure, "target": target, "met": met})
+
+    if iotgw and telegraf:
+        drain, target = iotgw["readings_per_s"], 1.5 * telegraf["readings_per_s"]
+        aim("bridge drain >= 1.5x Telegraf's (readings/s)", drain, target, drain >= target)
+        cpu, theirs = iotgw["cpu_s_per_10k"], telegraf["cpu_s_per_10k"]
+        aim("bridge CPU per reading <= Telegraf's (CPU s per 10k)", cpu, theirs, cpu <= theirs)
+    if iotgw:
+        p99 = (iotgw.get("latency", {}).get("5000") or {}).get("p99_ms")
+        aim("bridge p99 publish-to-Kafka at 5,000/s (ms)", p99, 25, p99 is not None and p99 < 25)
+    writer, rules = results["writer"], results["rules"]
+    aim(
+        "writer points/s (min of 100,000 and 80% of InfluxDB's ceiling)",
+        writer["points_per_s"],
+        writer["aim_points_per_s"],
+        writer["aim_met"],
+    )
+    aim(
+        "rules engine readings/s with 100 rules, from Kafka",
+        rules["readings_per_s"],
+        rules["aim_readings_per_s"],
+        rules["aim_met"],
+    )
+    return found
 
 
 async def forget_sessions(settings: Settings, client_ids: list[str]) -> None:
@@ -497,47 +636,92 @@ def bench_table(results: dict[str, Any]) -> Table:
             f"{run['rss_mb']:g}",
             "-" if run.get("lost") is None else str(run["lost"]),
         )
-    writer = next((r["writer"] for r in results["runs"] if "writer" in r), None)
-    if writer:
-        table.caption = f"writer: {writer['points_per_s']:,} points/s into InfluxDB"
+    for ceiling in results["ceilings"]:
+        table.add_row(
+            f"[dim]{ceiling['name']} (ceiling)[/]", f"{ceiling['readings_per_s'] or 0:,}",
+            "-", *("-" for _ in rates), "-", "-", "-",
+        )  # fmt: skip
+    writer, rules = results["writer"], results["rules"]
+    table.caption = (
+        f"writer: {writer['points_per_s']:,} points/s into InfluxDB "
+        f"(its ceiling {writer['ceiling_points_per_s']:,}; "
+        f"{writer['cpu_s_per_100k']:g} CPU s per 100k)\n"
+        f"rules engine, 100 rules, from Kafka: {rules['readings_per_s']:,} readings/s "
+        f"({rules['cpu_s_per_100k']:g} CPU s per 100k)"
+    )
+    return table
+
+
+def profile_table(results: dict[str, Any]) -> Table | None:
+    """With --profile: each profiled run's share of samples and CPU µs per reading by stage."""
+    profiled = [run for run in results["runs"] if "profile" in run]
+    if not profiled:
+        return None
+    table = Table("run", "stage", "share", "CPU µs per reading", title="where the time goes")
+    for run in profiled:
+        per_reading_us = run["cpu_s_per_10k"] * 100  # CPU s per 10,000 readings, in µs each
+        for stage, share in run["profile"].items():
+            table.add_row(run["name"], stage, f"{share:.1%}", f"{share * per_reading_us:.1f}")
+    return table
+
+
+def aims_table(results: dict[str, Any]) -> Table:
+    """Each aim of issue #16 against this run's figure."""
+    table = Table("aim", "this run", "target", "met", title="aims")
+    for aim in results["aims"]:
+        figure = "-" if aim["figure"] is None else f"{aim['figure']:,.6g}"
+        table.add_row(
+            aim["aim"],
+            figure,
+            f"{aim['target']:,.6g}",
+            "[green]yes[/]" if aim["met"] else "[red]no[/]",
+        )
     return table
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
-    """Throughput per run and the latency distribution at the highest rate, as a PNG."""
+    """Drain rate of every subject beside the two ceilings, the latency at fixed rates,
+    and the writer and rules engine against their aims, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
-    names = [r["name"] for r in runs]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.bar(names, [r["readings_per_s"] for r in runs], color="#4c72b0", label="drain")
-    left.bar(
-        names,
-        [r.get("live_readings_per_s") or 0 for r in runs],
-        color="#dd8452",
-        alpha=0.6,
-        label="live",
+    runs, ceilings_found = results["runs"], results["ceilings"]
+    figure, (left, middle, right) = plt.subplots(
+        1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [3, 2, 2]}
     )
-    left.set_title("readings/s")
-    left.legend()
+    names = [c["name"] for c in ceilings_found] + [r["name"] for r in runs]
+    drains = [c["readings_per_s"] or 0 for c in ceilings_found] + [
+        r["readings_per_s"] for r in runs
+    ]
+    colours = ["#bbbbbb"] * len(ceilings_found) + [
+        "#dd8452" if r["name"] == "telegraf" else "#4c72b0" for r in runs
+    ]
+    bars = left.bar(names, drains, color=colours)
+    left.bar_label(bars, labels=[f"{d / 1000:.1f}k" for d in drains], fontsize=8)
+    left.set_title("drain readings/s (grey: ceilings)")
+    left.tick_params(axis="x", labelrotation=20, labelsize=8)
     for rate_key in ("1000", "5000"):
         points = [(r["name"], r.get("latency", {}).get(rate_key, {})) for r in runs]
-        right.plot(
-            [n for n, p in points if p.get("p99_ms") is not None],
-            [p["p99_ms"] for _, p in points if p.get("p99_ms") is not None],
-            marker="o", label=f"p99 at {rate_key}/s",
-        )  # fmt: skip
-        right.plot(
-            [n for n, p in points if p.get("p50_ms") is not None],
-            [p["p50_ms"] for _, p in points if p.get("p50_ms") is not None],
-            marker="x", linestyle="--", label=f"p50 at {rate_key}/s",
-        )  # fmt: skip
-    right.set_yscale("log")
-    right.set_title("publish to Kafka latency (ms)")
-    right.legend()
+        shown = [(n, p) for n, p in points if p.get("p99_ms") is not None]
+        middle.plot([n for n, _ in shown], [p["p99_ms"] for _, p in shown], marker="o",
+                    label=f"p99 at {rate_key}/s")  # fmt: skip
+        middle.plot([n for n, _ in shown], [p["p50_ms"] for _, p in shown], marker="x",
+                    linestyle="--", label=f"p50 at {rate_key}/s")  # fmt: skip
+    middle.axhline(25, color="#c44e52", linewidth=0.8, linestyle=":", label="aim: p99 < 25 ms")
+    middle.set_yscale("log")
+    middle.set_title("publish to Kafka latency (ms)")
+    middle.legend(fontsize=7)
+    writer, rules = results["writer"], results["rules"]
+    labels = ["writer\npoints/s", "InfluxDB\nceiling", "rules\nreadings/s"]
+    values = [writer["points_per_s"], writer["ceiling_points_per_s"], rules["readings_per_s"]]
+    bars = right.bar(labels, values, color=["#4c72b0", "#bbbbbb", "#55a868"])
+    right.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize=8)
+    right.scatter([0, 2], [writer["aim_points_per_s"], rules["aim_readings_per_s"]],
+                  marker="_", s=900, color="#c44e52", label="aim", zorder=3)  # fmt: skip
+    right.set_title("downstream")
+    right.legend(fontsize=7)
     machine_info = results["machine"]
     figure.suptitle(f"iotgw bench, {machine_info['cpus']} cores, {machine_info['date']}")
     figure.tight_layout()

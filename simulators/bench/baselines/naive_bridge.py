@@ -2,7 +2,7 @@
 
 A paho-mqtt callback sends each message with kafka-python and waits for Kafka's
 acknowledgement before returning; paho acknowledges QoS 1 on receipt. No validation.
-Configured by the same IOTGW_ variables as the bridge; topic `<prefix>.naive`.
+Configured by the same IOTGW_ variables as the bridge; topic `<prefix>.naive_bridge`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gateway.topics import MQTT_TELEMETRY_FILTER
 def main() -> None:
     settings = load_settings()
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap.split(","), acks="all")
-    topic = f"{settings.topic_prefix}.naive"
+    topic = f"{settings.topic_prefix}.naive_bridge"
 
     def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         device_id = message.topic.split("/")[1]
