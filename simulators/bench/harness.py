@@ -57,6 +57,10 @@ DEVICES = 100
 PUBLISHERS = 10
 # A subject that has not finished its drain by then is reported as behind.
 DRAIN_LIMIT_S = 90.0
+# How long the broker keeps a measured subject's session once it is gone: long enough for
+# the preload, short enough that a run killed halfway does not leave a session queueing
+# every later reading for long (the run removes its sessions when it ends normally).
+SESSION_EXPIRY_S = 300
 Report = Callable[[str], None]
 
 
@@ -192,7 +196,7 @@ class Subject:
     @property
     def measured(self) -> Settings:
         """The subject's settings: its own session, no rate limit."""
-        return unlimited(self.settings, self.client_id, 900)
+        return unlimited(self.settings, self.client_id, SESSION_EXPIRY_S)
 
     @property
     def client_id(self) -> str:
@@ -205,7 +209,7 @@ class Subject:
             # stdbuf: mosquitto_sub's output into a pipe would otherwise sit in a 4 KiB buffer.
             sub = subprocess.Popen(
                 ["stdbuf", "-oL", "mosquitto_sub", "-h", s.mqtt.host, "-p", str(s.mqtt.port),
-                 "-V", "mqttv5", "-c", "-x", "900", "-i", self.client_id, "-q", "1",
+                 "-V", "mqttv5", "-c", "-x", str(SESSION_EXPIRY_S), "-i", self.client_id, "-q", "1",
                  "-t", MQTT_TELEMETRY_FILTER, "-F", "%t|%p"],
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
@@ -391,7 +395,8 @@ async def mosquitto_ceiling(
     """Mosquitto's own drain rate: `mosquitto_sub` (QoS 1, persistent session) to /dev/null."""
     command = [
         "mosquitto_sub", "-h", settings.mqtt.host, "-p", str(settings.mqtt.port), "-V", "mqttv5",
-        "-c", "-x", "900", "-i", settings.mqtt_client_id, "-q", "1", "-t", MQTT_TELEMETRY_FILTER,
+        "-c", "-x", str(SESSION_EXPIRY_S), "-i", settings.mqtt_client_id, "-q", "1",
+        "-t", MQTT_TELEMETRY_FILTER,
     ]  # fmt: skip
     report(f"mosquitto_sub: creating its session, then preloading {len(readings)} readings")
     with (logs / "mosquitto_sub.log").open("ab") as log:

@@ -112,11 +112,13 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
     async with RegistryWriter(settings) as registry:
         await registry.put(*(d.record() for d in build_fleet(DEVICES, 7)))
     bridge = service("bridge", settings, out / "soak-bridge.log")
-    writer = service("writer", settings, out / "soak-writer.log")
+    writer: ServiceProcess | None = None
     samples: list[dict[str, Any]] = []
     sent = 0
     try:
         await bridge.ready()
+        # Started once the bridge listens: two started at once can pick the same free port.
+        writer = service("writer", settings, out / "soak-writer.log")
         await writer.ready()
         async with Publisher(settings) as publisher:
             watch = LatencyWatch(settings, publisher.sent_at)
@@ -148,7 +150,8 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
             await asyncio.gather(watching, return_exceptions=True)
     finally:
         for process in (bridge, writer):
-            process.stop(20)
+            if process is not None:
+                process.stop(20)
         await forget_sessions(settings, [settings.mqtt_client_id])
     result = {"rate": rate, "minutes": minutes, "sent": sent, "in_kafka": watch.seen,
               "not_in_kafka": max(0, sent - watch.seen), "samples": samples}  # fmt: skip
