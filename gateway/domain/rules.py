@@ -54,15 +54,6 @@ class RuleState:
     # tuple of numbers, and a rate rule keeps a window of them for every device.
     points: list[tuple[int, float]] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        # Not asdict(): it deep-copies the points, and states are written every batch.
-        return {
-            "firing": self.firing,
-            "since": self.since,
-            "last_ts": self.last_ts,
-            "points": self.points,
-        }
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RuleState:
         points = [(int(ts), float(value)) for ts, value in data.get("points", ())]
@@ -231,8 +222,8 @@ class RuleEngine:
         return alerts
 
     def records(self, keys: Iterable[Key]) -> Iterator[tuple[Key, bytes | None]]:
-        """The JSON records of these states (None for one removed): `RuleState.as_dict`,
-        with a window shared by several rules encoded once."""
+        """The JSON records of these states (None for one removed): `firing`, `since`,
+        `last_ts` and `points`, with a window shared by several rules encoded once."""
         windows: dict[int, bytes] = {}  # id of a points list (alive meanwhile) -> its JSON
         for key in keys:
             state = self.states.get(key)
