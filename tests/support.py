@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -17,7 +17,7 @@ from gmqtt.storage import PersistentStorage
 from pydantic import SecretStr
 
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import create_producer, ensure_topics
+from gateway.adapters.kafka import ensure_topics
 from gateway.adapters.mqtt import connect, publish_in_window
 from gateway.clock import now_ms
 from gateway.services.bridge.session import Bridge
@@ -183,19 +183,6 @@ def running_bridge(settings: Settings) -> AbstractAsyncContextManager[Bridge]:
 
 def running_writer(settings: Settings) -> AbstractAsyncContextManager[Writer]:
     return running(Writer(settings))
-
-
-async def produce(
-    settings: Settings, topic: str, records: Sequence[tuple[bytes | None, bytes]]
-) -> None:
-    """Write records (key, value) to a topic and wait for Kafka's acknowledgements."""
-    producer = create_producer(settings)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, value, key=key) for key, value in records]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def influx_rows(settings: Settings, query: str) -> list[list[Any]]:

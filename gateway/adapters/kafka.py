@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +50,7 @@ __all__ = [
     "is_fatal",
     "kafka_admin",
     "kafka_security",
+    "produce",
     "read_to_end",
     "read_topic",
     "settings_admin",
@@ -271,6 +272,19 @@ async def read_topic(
         return await read_to_end(consumer, apply, idle_timeout_s=settings.timeout_s)
     finally:
         await consumer.stop()
+
+
+async def produce(
+    settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes]], **overrides: Any
+) -> None:
+    """Write records (key, value) to `topic` and wait for Kafka's acknowledgements; the
+    producer's options may be overridden (larger batches for bulk loads)."""
+    producer = await started(create_producer(settings, **overrides), settings)
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pydantic_core import from_json, to_json
 from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import CanonicalReading
-from gateway.topics import telemetry_device_id
+from gateway.topics import telemetry_device_id, telemetry_topic
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
 
@@ -23,9 +24,6 @@ __all__ = ["READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejecte
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
-# Topics whose device id is remembered: one per device in a fleet, emptied when full.
-_TOPIC_CACHE = 100_000
-_UNSEEN = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +80,6 @@ class ReadingValidator:
         self._max_age_ms = max_age_ms
         self._limiter = limiter
         self._clock = clock
-        self._topic_ids: dict[str, str | None] = {}  # a topic's valid device id, or None
 
     def process(
         self, topic: str, payload: bytes, received_at: int, size: int | None = None
@@ -93,14 +90,7 @@ class ReadingValidator:
         def reject(device_id: str | None, reason: Reason, detail: str, original: bytes) -> Rejected:
             return Rejected(device_id, reason, detail[:DETAIL_MAX], original, topic, received_at)
 
-        device_id = self._topic_ids.get(topic, _UNSEEN)
-        if device_id == _UNSEEN:
-            device_id = telemetry_device_id(topic)
-            if device_id is not None and not is_device_id(device_id):
-                device_id = None
-            if len(self._topic_ids) >= _TOPIC_CACHE:
-                self._topic_ids.clear()
-            self._topic_ids[topic] = device_id
+        device_id = _valid_device_id(topic)
         if device_id is None:
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
@@ -190,6 +180,23 @@ class ReadingValidator:
             "received_at": received_at,
         }
         return Accepted(device_id, to_json(record), ts)
+
+
+# The longest topic with a valid device id (64 characters); longer ones are refused
+# before the cache, so what it holds is bounded in bytes whatever devices send.
+_LONGEST_TOPIC = len(telemetry_topic("x" * 64))
+
+
+def _valid_device_id(topic: str) -> str | None:
+    """The device id of `devices/{device_id}/telemetry` if it is a valid one."""
+    return _checked_device_id(topic) if len(topic) <= _LONGEST_TOPIC else None
+
+
+# A fleet's topics repeat: each is checked once (one per device, up to this many).
+@functools.lru_cache(maxsize=100_000)
+def _checked_device_id(topic: str) -> str | None:
+    device_id = telemetry_device_id(topic)
+    return device_id if device_id is not None and is_device_id(device_id) else None
 
 
 def _compact(item: Any) -> bytes:

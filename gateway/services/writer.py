@@ -90,15 +90,11 @@ class PointEncoder:
     def _reading(self, record: Any) -> str:
         reading = from_json(record.value)
         device_id, measurement = reading["device_id"], reading["type"]
-        device: Device | None = self._lookup(device_id)
-        cache_key = (
-            (measurement, device_id, device.site, device.room)
-            if device is not None
-            else (measurement, device_id, None, None)
-        )
+        site, room = self._tags(device_id)
+        cache_key = (measurement, device_id, site, room)
         series = self._series.get(cache_key)
         if series is None:
-            tags = {"device_id": device_id, "site": cache_key[2], "room": cache_key[3]}
+            tags = {"device_id": device_id, "site": site, "room": room}
             series = self._series[cache_key] = series_key(measurement, tags)
         metrics = reading["metrics"]
         if type(metrics) is not dict:

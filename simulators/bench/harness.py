@@ -41,6 +41,8 @@ from devstack.stack import LOCAL_TEMPLATES
 from gateway.adapters.kafka import create_consumer, ensure_topics, kafka_admin, topic_partitions
 from gateway.adapters.mqtt import publish_in_window
 from gateway.clock import now_ms
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import Accepted, ReadingValidator
 from gateway.errors import IotgwError
 from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
@@ -215,11 +217,8 @@ class Subject:
             )  # fmt: skip
             # Kafka's own console producer, the Java twin of kcat: Debian's kcat 1.7.1 holds
             # piped input until it has 1 MiB or the pipe closes (kcat issue #343).
-            kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", self.logs / "install.log", print)
-            log4j = f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}"
             producer = subprocess.Popen(
-                ["java", "-Xmx512m", log4j, "-cp", kafka.classpath,
-                 "org.apache.kafka.tools.ConsoleProducer",
+                [*kafka_tool("ConsoleProducer", self.logs, print),
                  "--bootstrap-server", s.kafka_bootstrap, "--topic", self.topic,
                  "--reader-property", "parse.key=true", "--reader-property", "key.separator=|",
                  "--command-property", "acks=all", "--command-property", "linger.ms=5"],
@@ -431,13 +430,11 @@ async def kafka_ceiling(
 ) -> dict[str, Any]:
     """Kafka's own produce rate: its ProducerPerformance tool, acks=all, records of the
     canonical reading's mean size, as fast as it can, into a topic like iot.readings."""
-    size = round(statistics.fmean(len(canonical(r)) for r in readings[:1000]))
-    kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", logs / "install.log", report)
+    size = round(statistics.fmean(canonical_sizes(readings[:1000])))
+    tool = kafka_tool("ProducerPerformance", logs, report)
     report(f"kafka ProducerPerformance: {len(readings)} records of {size} bytes, acks=all")
-    log4j = f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}"
     done = subprocess.run(
-        ["java", "-Xmx512m", log4j, "-cp", kafka.classpath,
-         "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
+        [*tool, "--topic", topic,
          "--num-records", str(len(readings)), "--record-size", str(size), "--throughput", "-1",
          "--producer-props", f"bootstrap.servers={settings.kafka_bootstrap}", "acks=all"],
         capture_output=True, text=True, timeout=300,
@@ -457,11 +454,30 @@ async def kafka_ceiling(
     }
 
 
-def canonical(reading: Reading) -> bytes:
-    """The record iot.readings would hold for `reading` (for its size)."""
-    value = json.loads(reading.payload)
-    value.update(device_id=reading.key[0], received_at=value["ts"])
-    return json.dumps(value, separators=(",", ":")).encode()
+def kafka_tool(name: str, logs: Path, report: Report) -> list[str]:
+    """The command that runs one of Kafka's own tools (org.apache.kafka.tools) from the
+    stack's jars, with the stack's quiet logging."""
+    kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", logs / "install.log", report)
+    log4j = f"-Dlog4j2.configurationFile={LOCAL_TEMPLATES / 'log4j2.yaml'}"
+    return ["java", "-Xmx512m", log4j, "-cp", kafka.classpath, f"org.apache.kafka.tools.{name}"]
+
+
+def canonical_sizes(readings: list[Reading]) -> list[int]:
+    """The sizes of the records iot.readings holds for `readings`, made by the bridge's
+    own validator (no registry, no rate limit)."""
+    validator = ReadingValidator(
+        lambda _: None,
+        require_registration=False,
+        max_age_ms=2**62,
+        limiter=RateLimiter(float(len(readings)), len(readings)),
+    )
+    received_at = now_ms()
+    return [
+        len(outcome.value)
+        for r in readings
+        for outcome in validator.process(r.topic, r.payload, received_at)
+        if isinstance(outcome, Accepted)
+    ]
 
 
 def machine() -> dict[str, Any]:

@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
+from pydantic_core import from_json
 
-from gateway.adapters.kafka import create_producer, ensure_topics, kafka_admin, read_topic
+from gateway.adapters.kafka import ensure_topics, kafka_admin, produce, read_topic
 from gateway.clock import now_ms
 from gateway.domain.rules import RuleEngine, decode_reading
 from gateway.domain.rules_file import load_rules
@@ -36,6 +37,7 @@ from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
 from schemas import Device
 from schemas.rules import Rule
+from simulators.bench.writer import BULK
 from simulators.fleet import FleetTraffic, build_fleet
 from simulators.processes import ServiceProcess, usage
 
@@ -119,17 +121,8 @@ async def fill(settings: Settings, encoded: list[bytes], registry: dict[str, Dev
     """Register the fleet and produce the readings, keyed by device, to iot.readings."""
     async with RegistryWriter(settings) as writer:
         await writer.put(*registry.values())
-    producer = create_producer(settings, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    topic = Topics(settings.topic_prefix).readings
-    try:
-        futures = []
-        for value in encoded:
-            key = json.loads(value)["device_id"].encode()
-            futures.append(await producer.send(topic, value, key=key))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    records = [(from_json(value)["device_id"].encode(), value) for value in encoded]
+    await produce(settings, Topics(settings.topic_prefix).readings, records, **BULK)
 
 
 async def committed(admin: AIOKafkaAdminClient, group: str) -> int:

@@ -26,10 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
-
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import create_producer, ensure_topics, kafka_admin
+from gateway.adapters.kafka import ensure_topics, kafka_admin, produce
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.services.writer import WRITES_IN_FLIGHT, PointEncoder
@@ -49,6 +47,8 @@ METRICS: dict[str, dict[str, Any]] = {
     "motion": {"motion": True, "lux": 300.0, "battery_pct": 90.0},
     "smart_plug": {"on": True, "power_w": 1200.0, "voltage_v": 230.0, "current_a": 5.2},
 }
+# Producer options for filling Kafka fast (the rules benchmark's too).
+BULK: dict[str, Any] = {"linger_ms": 20, "max_batch_size": 512 * 1024}
 # How often the writer's progress is read while it runs: fine enough for a run of a few
 # seconds, rare enough to cost it nothing that shows.
 _POLL_S = 0.05
@@ -75,18 +75,6 @@ def readings(count: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def fill(settings: Settings, records: list[tuple[bytes, bytes]]) -> None:
-    await ensure_topics(settings)
-    producer = create_producer(settings, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    topic = Topics(settings.topic_prefix).readings
-    try:
-        futures = [await producer.send(topic, value, key=key) for key, value in records]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def points(settings: Settings, db: str) -> int:
     """The points of the benchmark's measurements in `db`."""
     async with InfluxClient(str(settings.influx_url)) as influx:
@@ -110,28 +98,20 @@ async def ceiling(settings: Settings, lines: list[str], batch: int, connections:
     """InfluxDB's own points/s: `lines` posted in batches of `batch` over `connections`
     keep-alive connections, into a database of their own (dropped after)."""
     db = f"{settings.influx_db}_ceiling"
-    bodies = ["\n".join(lines[i : i + batch]).encode() for i in range(0, len(lines), batch)]
-    limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(
-        base_url=str(settings.influx_url), auth=settings.influx_auth, limits=limits, timeout=60
-    ) as http:
-        await http.post("/query", params={"q": f'CREATE DATABASE "{db}"'})
-        pending = iter(bodies)
+    bodies = iter(["\n".join(lines[i : i + batch]) for i in range(0, len(lines), batch)])
+    async with InfluxClient(str(settings.influx_url), auth=settings.influx_auth) as influx:
+        await influx.create_database(db)
 
         async def post_all() -> None:
-            for body in pending:
-                answer = await http.post(
-                    "/write", params={"db": db, "precision": "ms"}, content=body
-                )
-                if answer.status_code != 204:
-                    raise IotgwError(f"InfluxDB refused the ceiling's write: {answer.text}")
+            for body in bodies:
+                await influx.write(db, body)
 
         try:
             started = time.perf_counter()
             await asyncio.gather(*(post_all() for _ in range(connections)))
             seconds = time.perf_counter() - started
         finally:
-            await http.post("/query", params={"q": f'DROP DATABASE "{db}"'})
+            await influx.query(f'DROP DATABASE "{db}"', method="POST")
     return len(lines) / seconds
 
 
@@ -188,7 +168,8 @@ async def measure(
     lines = line_protocol(settings, records)
     try:
         report(f"writer: {count:,} readings into Kafka")
-        await fill(settings, records)
+        await ensure_topics(settings)
+        await produce(settings, Topics(settings.topic_prefix).readings, records, **BULK)
         report(f"writer: InfluxDB's ceiling, batches of {batch} over {connections} connections")
         ceilings = [await ceiling(settings, lines, batch, connections)]
         report("writer: iotgw run writer")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from devstack import stack
+from gateway.adapters.kafka import produce
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -19,7 +20,6 @@ from tests.support import (
     canonical,
     influx_count,
     own_settings,
-    produce,
     running_writer,
     until_points,
 )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.adapters.kafka import create_producer
+from gateway.adapters.kafka import create_producer, produce
 from gateway.clock import now_ms
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -21,7 +21,6 @@ from tests.support import (
     canonical,
     influx_rows,
     own_settings,
-    produce,
     register,
     running_writer,
     until_points,

@@ -9,13 +9,14 @@ from pydantic import SecretStr
 
 from devstack import stack
 from gateway.adapters.influx import InfluxClient
+from gateway.adapters.kafka import produce
 from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.processes import free_ports
 from tests.conftest import unique
-from tests.support import canonical, own_settings, produce, running_writer, until_points
+from tests.support import canonical, own_settings, running_writer, until_points
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 
+from gateway.adapters.kafka import produce
 from gateway.clock import now_ms
 from gateway.services.tail import format_reading
 from gateway.settings import Settings
 from gateway.topics import Topics
 from tests.conftest import unique
-from tests.support import canonical, own_settings, produce
+from tests.support import canonical, own_settings
 
 pytestmark = pytest.mark.integration
 

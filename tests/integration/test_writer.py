@@ -8,7 +8,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.adapters.influx import InfluxClient
-from gateway.adapters.kafka import topic_partitions
+from gateway.adapters.kafka import produce, topic_partitions
 from gateway.clock import now_ms
 from gateway.services.writer import Writer
 from gateway.settings import Settings
@@ -21,7 +21,6 @@ from tests.support import (
     influx_count,
     influx_rows,
     own_settings,
-    produce,
     register,
     running_writer,
     until,
