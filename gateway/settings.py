@@ -25,7 +25,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.domain.sources import Sources, SourcesFileError, load_sources
 from gateway.errors import ConfigError
+from schemas.device import TimeZone
+from schemas.types import TypeCatalogue, TypesFileError, load_catalogue
 
 __all__ = [
     "LogFormat",
@@ -164,6 +167,13 @@ class Settings(BaseSettings):
     topic_replication: int | None = Field(default=None, ge=1, le=10)
     require_registration: bool = True
     rules_file: Path = Path("rules.yaml")
+    # The device sources the bridge reads besides our envelope (absent: the envelope only),
+    # and the user's own device types (absent: the built-in ones).
+    sources_file: Path = Path("sources.yaml")
+    types_file: Path = Path("types.yaml")
+    # The time zone of device clocks that send local time without an offset (Tasmota's
+    # `Time`), unless the device's registry record names its own.
+    default_tz: TimeZone = "UTC"
     # 0 takes any free port (tests run several services in one process).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -248,6 +258,22 @@ class Settings(BaseSettings):
                 value = "true" if value else "false"
             variables[f"{ENV_PREFIX}{name.upper()}"] = str(value)
         return variables
+
+    def catalogue(self) -> TypeCatalogue:
+        """The device types: the built-in ones and the types file's; ConfigError if that
+        file cannot be used."""
+        try:
+            return load_catalogue(self.types_file)
+        except TypesFileError as exc:
+            raise ConfigError(f"IOTGW_TYPES_FILE: {exc}") from None
+
+    def sources(self) -> Sources:
+        """The device sources of the sources file (none: our envelope only); ConfigError
+        if that file cannot be used."""
+        try:
+            return load_sources(self.sources_file)
+        except SourcesFileError as exc:
+            raise ConfigError(f"IOTGW_SOURCES_FILE: {exc}") from None
 
     def metrics_port_for(self, service: ServiceName) -> int:
         if self.metrics_port is None:

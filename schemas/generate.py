@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from schemas.device import Device
-from schemas.reading import PAYLOAD, CanonicalReading
+from schemas.reading import CanonicalReading
+from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -22,12 +23,17 @@ JSON_DIR = Path(__file__).parent / "json"
 def schemas() -> dict[str, dict[str, Any]]:
     """File name to JSON Schema, for every document of the contract."""
     return {
-        "reading.schema.json": _titled(PAYLOAD, "iotgw reading payload (MQTT)"),
+        "reading.schema.json": reading_schema(),
         "canonical-reading.schema.json": _titled(
             TypeAdapter(CanonicalReading), "iotgw canonical reading (Kafka iot.readings)"
         ),
         "device.schema.json": _titled(TypeAdapter(Device), "iotgw device (Kafka iot.devices)"),
     }
+
+
+def reading_schema(catalogue: TypeCatalogue = BUILTIN_CATALOGUE) -> dict[str, Any]:
+    """The reading payload's schema for the types of `catalogue` (a types file adds its own)."""
+    return _titled(catalogue.payload, "iotgw reading payload (MQTT)")
 
 
 def _titled(adapter: TypeAdapter[Any], title: str) -> dict[str, Any]:

@@ -11,27 +11,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     model_validator,
 )
 
-from schemas.device import DeviceId, DeviceType
-from schemas.reading import (
-    AirQualityMetrics,
-    ContactMetrics,
-    MotionMetrics,
-    SmartPlugMetrics,
-    ThermostatMetrics,
-)
+from schemas.device import DeviceId, TypeName
+from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
-# The metric names of each device type.
-METRICS_OF: dict[DeviceType, frozenset[str]] = {
-    DeviceType.THERMOSTAT: frozenset(ThermostatMetrics.__annotations__),
-    DeviceType.AIR_QUALITY: frozenset(AirQualityMetrics.__annotations__),
-    DeviceType.MOTION: frozenset(MotionMetrics.__annotations__),
-    DeviceType.CONTACT: frozenset(ContactMetrics.__annotations__),
-    DeviceType.SMART_PLUG: frozenset(SmartPlugMetrics.__annotations__),
-}
-_BOOLEAN_METRICS = {"heating", "motion", "open", "on"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -48,6 +34,14 @@ def _seconds(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
 RuleId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+def _catalogue(info: ValidationInfo) -> TypeCatalogue:
+    """The device types rules may name: the validation context's `catalogue` (the types
+    file's), else the built-in ones."""
+    context = info.context
+    catalogue = context.get("catalogue") if isinstance(context, dict) else None
+    return catalogue if isinstance(catalogue, TypeCatalogue) else BUILTIN_CATALOGUE
 
 
 class _Strict(BaseModel):
@@ -81,24 +75,34 @@ class Action(_Strict):
 
 class _Rule(_Strict):
     id: RuleId
-    device_types: list[DeviceType] | None = None
+    device_types: list[TypeName] | None = None
     devices: list[DeviceId] | None = None
     site: str | None = None
     room: str | None = None
     actions: list[Action] = Field(default_factory=list)
 
-    def metric_check(self, metric: str, *, boolean: bool) -> None:
+    @model_validator(mode="after")
+    def _known_types(self, info: ValidationInfo) -> _Rule:
+        catalogue = _catalogue(info)
+        for name in self.device_types or ():
+            catalogue.check_type(name)
+        return self
+
+    def metric_check(self, metric: str, info: ValidationInfo, *, boolean: bool) -> None:
         """The metric exists (with the right kind) in every device type the rule covers."""
-        types = self.device_types or list(DeviceType)
-        owners = [t for t in types if metric in METRICS_OF[t]]
+        catalogue = _catalogue(info)
+        types = [
+            catalogue.types[t] for t in self.device_types or catalogue.names if t in catalogue.types
+        ]
+        owners = [t for t in types if metric in t.metric_names]
         if not owners:
             raise ValueError(
                 f"no device type {'in scope ' if self.device_types else ''}has a metric {metric!r}"
             )
         if self.device_types and len(owners) < len(types):
-            missing = ", ".join(t.value for t in types if t not in owners)
+            missing = ", ".join(t.name for t in types if t not in owners)
             raise ValueError(f"metric {metric!r} is not a metric of {missing}")
-        if boolean != (metric in _BOOLEAN_METRICS):
+        if any((metric in t.booleans) != boolean for t in owners):
             kind = "an on/off" if boolean else "a numeric"
             raise ValueError(f"metric {metric!r} is not {kind} metric")
 
@@ -114,8 +118,8 @@ class ThresholdRule(_Rule):
     clear: float | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> ThresholdRule:
-        self.metric_check(self.metric, boolean=False)
+    def _consistent(self, info: ValidationInfo) -> ThresholdRule:
+        self.metric_check(self.metric, info, boolean=False)
         if self.clear is not None:
             above = self.op in (">", ">=")
             if (above and self.clear > self.value) or (not above and self.clear < self.value):
@@ -140,8 +144,8 @@ class RateRule(_Rule):
     window: Duration = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
-    def _numeric(self) -> RateRule:
-        self.metric_check(self.metric, boolean=False)
+    def _numeric(self, info: ValidationInfo) -> RateRule:
+        self.metric_check(self.metric, info, boolean=False)
         return self
 
 
@@ -154,8 +158,8 @@ class StateRule(_Rule):
     for_: Duration = Field(default=0.0, alias="for")
 
     @model_validator(mode="after")
-    def _boolean(self) -> StateRule:
-        self.metric_check(self.metric, boolean=True)
+    def _boolean(self, info: ValidationInfo) -> StateRule:
+        self.metric_check(self.metric, info, boolean=True)
         return self
 
 

@@ -37,8 +37,12 @@ def connack(*, session_present: bool = False, code: int = 0) -> bytes:
     return packet(0x20, bytes([int(session_present), code, 0]))
 
 
-def suback(packet_id: int, code: int = 1) -> bytes:
-    return packet(0x90, struct.pack("!H", packet_id) + b"\x00" + bytes([code]))
+def suback(packet_id: int, code: int = 1, filters: int = 1) -> bytes:
+    return packet(0x90, struct.pack("!H", packet_id) + b"\x00" + bytes([code] * filters))
+
+
+def unsuback(packet_id: int, filters: int = 1) -> bytes:
+    return packet(0xB0, struct.pack("!H", packet_id) + b"\x00" + bytes(filters))
 
 
 @dataclass
@@ -50,6 +54,16 @@ class Packet:
     @property
     def packet_id(self) -> int:
         return int(struct.unpack("!H", self.body[:2])[0])
+
+    @property
+    def filters(self) -> list[str]:
+        """The topic filters of a SUBSCRIBE or UNSUBSCRIBE (no properties)."""
+        found, at = [], 3
+        while at < len(self.body):
+            (size,) = struct.unpack_from("!H", self.body, at)
+            found.append(self.body[at + 2 : at + 2 + size].decode())
+            at += 2 + size + (1 if self.kind == 8 else 0)
+        return found
 
 
 async def read_packet(reader: asyncio.StreamReader) -> Packet | None:
@@ -76,6 +90,7 @@ class Connection:
     writer: asyncio.StreamWriter
     connect: Packet
     subscribe: Packet | None = None
+    changes: list[Packet] = field(default_factory=list)  # SUBSCRIBE/UNSUBSCRIBE after the first
     acks: list[int] = field(default_factory=list)  # PUBACK packet ids, as they came
     pings: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -147,7 +162,7 @@ class ScriptedBroker:
                 return
             assert subscribe.kind == 8, subscribe
             connection.subscribe = subscribe
-            writer.write(suback(subscribe.packet_id, self.suback_code))
+            writer.write(suback(subscribe.packet_id, self.suback_code, len(subscribe.filters)))
         self.connections.append(connection)
         self._arrived.set()
         while (received := await read_packet(reader)) is not None:
@@ -156,9 +171,15 @@ class ScriptedBroker:
             elif received.kind == 12:
                 connection.pings += 1
                 writer.write(b"\xd0\x00")
-            elif received.kind == 8:
+            elif received.kind == 8 and connection.subscribe is None:
                 connection.subscribe = received
-                writer.write(suback(received.packet_id, self.suback_code))
+                writer.write(suback(received.packet_id, self.suback_code, len(received.filters)))
+            elif received.kind == 8:
+                connection.changes.append(received)
+                writer.write(suback(received.packet_id, self.suback_code, len(received.filters)))
+            elif received.kind == 10:
+                connection.changes.append(received)
+                writer.write(unsuback(received.packet_id, len(received.filters)))
             elif received.kind == 14:
                 break
         connection.closed.set()

@@ -100,8 +100,12 @@ class DevicePublisher:
         await asyncio.wait_for(self.unacknowledged.wait_empty(), 30)
         await self.client.disconnect()
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        await asyncio.wait_for(publish_in_window(self.client, topic, payload, qos), 30)
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> None:
+        await asyncio.wait_for(
+            publish_in_window(self.client, topic, payload, qos, retain=retain), 30
+        )
 
 
 def reading_payload(

@@ -17,7 +17,9 @@ from gateway.settings import MqttEndpoint
 __all__ = ["broker_answers", "connect", "publish_in_window", "tls_context", "unreachable"]
 
 
-async def publish_in_window(client: Client, topic: str, payload: bytes, qos: int = 1) -> None:
+async def publish_in_window(
+    client: Client, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+) -> None:
     """Publish once the broker's in-flight window has room.
 
     gmqtt raises OverflowError while every packet id awaits its PUBACK (the broker's
@@ -25,7 +27,7 @@ async def publish_in_window(client: Client, topic: str, payload: bytes, qos: int
     """
     while True:
         try:
-            client.publish(topic, payload, qos=qos)
+            client.publish(topic, payload, qos=qos, retain=retain)
             return
         except OverflowError:
             await asyncio.sleep(0.001)

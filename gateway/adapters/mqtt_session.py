@@ -1,5 +1,5 @@
-"""The bridge's MQTT 5 session: one persistent subscription, acknowledged in arrival order,
-with the gateway's own flow control.
+"""The bridge's MQTT 5 session: one persistent session and its subscriptions, acknowledged
+in arrival order, with the gateway's own flow control.
 
 Why not gmqtt here (the devices' simulator and the rules engine keep it): gmqtt sends a
 PUBACK when a message's handler returns, so acknowledgements leave in the order Kafka
@@ -8,7 +8,7 @@ the socket holds, so nothing but the broker bounds what is in flight. Mosquitto 
 bounds nothing (its in-flight quota is recomputed wrongly on each PUBACK, upstream #2306),
 and with out-of-order PUBACKs it lets a device's new reading overtake its queued ones.
 This module speaks the small part of MQTT 5 a subscriber needs (CONNECT, SUBSCRIBE,
-PUBLISH in at QoS 0/1, PUBACK, PINGREQ, DISCONNECT) and owns those two rules:
+UNSUBSCRIBE, PUBLISH in at QoS 0/1, PUBACK, PINGREQ, DISCONNECT) and owns those two rules:
 
 - every received PUBLISH gets an index; `complete(indices)` marks them finished, and the
   PUBACKs of the finished run at the front leave together, in arrival order;
@@ -44,13 +44,16 @@ log = structlog.get_logger(__name__)
 
 # Packet types (MQTT 5, section 2.1.2).
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
-_SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 8, 9, 12, 13, 14
+_SUBSCRIBE, _SUBACK, _UNSUBSCRIBE, _UNSUBACK = 8, 9, 10, 11
+_PINGREQ, _PINGRESP, _DISCONNECT = 12, 13, 14
 # Properties this client sends or reads (section 2.2.2.2).
 _SESSION_EXPIRY, _RECEIVE_MAXIMUM, _SERVER_KEEP_ALIVE, _REASON_STRING = 0x11, 0x21, 0x13, 0x1F
 # Subscription options: QoS 1, and retained messages not sent at subscribe time
 # (Retain Handling 2): a re-subscribe must not deliver old readings again.
 _SUBSCRIPTION_OPTIONS = 0x01 | 0x20
 _SUBSCRIBE_PACKET_ID = 1
+# Subscriptions changed while running (learned state topics) use ids from here on.
+_FIRST_CHANGE_ID = 2
 _PUBACK_PACKET = struct.Struct("!BBH")
 _PINGREQ_PACKET = b"\xc0\x00"
 _DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection: the session is kept
@@ -116,7 +119,7 @@ class SessionOptions:
 
     endpoint: MqttEndpoint
     client_id: str
-    subscription: str
+    subscriptions: tuple[str, ...]
     session_expiry_s: int
     max_in_flight: int
     ca_file: Path | None = None
@@ -126,6 +129,8 @@ class SessionOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.max_in_flight <= 65535:
             raise ValueError("max_in_flight must be from 1 to 65535 (the MQTT receive maximum)")
+        if not self.subscriptions:
+            raise ValueError("a session needs at least one subscription")
 
 
 def _varint(value: int) -> bytes:
@@ -165,10 +170,20 @@ def encode_connect(options: SessionOptions) -> bytes:
     return _packet(_CONNECT << 4, header + _varint(len(properties)) + properties + payload)
 
 
-def encode_subscribe(subscription: str) -> bytes:
-    body = struct.pack("!H", _SUBSCRIBE_PACKET_ID) + b"\x00"  # no properties
-    body += _string(subscription) + bytes([_SUBSCRIPTION_OPTIONS])
+def encode_subscribe(
+    subscriptions: tuple[str, ...] | list[str], packet_id: int = _SUBSCRIBE_PACKET_ID
+) -> bytes:
+    body = struct.pack("!H", packet_id) + b"\x00"  # no properties
+    for subscription in subscriptions:
+        body += _string(subscription) + bytes([_SUBSCRIPTION_OPTIONS])
     return _packet((_SUBSCRIBE << 4) | 0x02, body)
+
+
+def encode_unsubscribe(subscriptions: tuple[str, ...] | list[str], packet_id: int) -> bytes:
+    body = struct.pack("!H", packet_id) + b"\x00"  # no properties
+    for subscription in subscriptions:
+        body += _string(subscription)
+    return _packet((_UNSUBSCRIBE << 4) | 0x02, body)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -253,7 +268,16 @@ class MqttSession:
         self.options = options
         self._on_messages = on_messages
         self._clock = clock
-        self._shared = options.subscription.startswith("$share/")
+        self._shared = any(f.startswith("$share/") for f in options.subscriptions)
+        # The filters the session holds now: the options' and those added at run time.
+        self._filters: list[str] = list(options.subscriptions)
+        # Changed while disconnected: the next connection subscribes to all of them again.
+        self._changed_offline = False
+        self._removed_offline: set[str] = set()
+        # SUBSCRIBE/UNSUBSCRIBE sent at run time and not answered yet, by packet id.
+        self._changes: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self._suback_filters: tuple[str, ...] = ()
+        self._change_id = _FIRST_CHANGE_ID
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
@@ -326,6 +350,40 @@ class MqttSession:
             self._maybe_resume()
         if self._drained is not None and not self.in_flight and not self._drained.done():
             self._drained.set_result(None)
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        return tuple(self._filters)
+
+    def subscribe(self, filters: tuple[str, ...] | list[str]) -> None:
+        """Add filters to the session (now if connected, else on the next connection)."""
+        new = [f for f in filters if f not in self._filters]
+        if not new:
+            return
+        self._filters += new
+        self._change("subscribe", tuple(new))
+
+    def unsubscribe(self, filters: tuple[str, ...] | list[str]) -> None:
+        """Remove filters from the session: the broker stops sending their messages."""
+        gone = [f for f in filters if f in self._filters]
+        if not gone:
+            return
+        self._filters = [f for f in self._filters if f not in gone]
+        self._change("unsubscribe", tuple(gone))
+
+    def _change(self, kind: str, filters: tuple[str, ...]) -> None:
+        if not self.connected or self._transport is None:
+            self._changed_offline = True
+            if kind == "unsubscribe":
+                self._removed_offline.update(filters)
+            else:
+                self._removed_offline.difference_update(filters)
+            return
+        packet_id = self._change_id
+        self._change_id = packet_id + 1 if packet_id < 0xFFFF else _FIRST_CHANGE_ID
+        self._changes[packet_id] = (kind, filters)
+        encode = encode_subscribe if kind == "subscribe" else encode_unsubscribe
+        self._write(encode(filters, packet_id))
 
     async def drained(self) -> None:
         """Return once no message is in flight (the owner completed them all)."""
@@ -424,10 +482,16 @@ class MqttSession:
             # right after the CONNACK, ahead of the SUBACK, and may fill the in-flight
             # limit: the SUBACK is then awaited only when the broker kept no session.
             self.subscribed = session_present and not self._shared
-            if first or not session_present or self._shared:
+            self._changes.clear()
+            if first or not session_present or self._shared or self._changed_offline:
+                self._changed_offline = False
                 self._suback = loop.create_future()
                 self._suback.add_done_callback(self._subscribed)
-                self._write(encode_subscribe(options.subscription))
+                self._suback_filters = tuple(self._filters)
+                self._write(encode_subscribe(self._suback_filters))
+                if self._removed_offline:
+                    removed, self._removed_offline = tuple(self._removed_offline), set()
+                    self._change("unsubscribe", removed)
                 if not session_present:
                     await self._answer(self._suback, "SUBACK", where)
         except BaseException:
@@ -630,24 +694,21 @@ class MqttSession:
                 keepalive = properties.get(_SERVER_KEEP_ALIVE, self.options.keepalive_s)
                 assert isinstance(keepalive, int)
                 connack.set_result((bool(body[0] & 0x01), keepalive))
-        elif kind == _SUBACK:
-            suback = self._suback
+        elif kind in (_SUBACK, _UNSUBACK):
             if len(body) < 3:
-                raise ProtocolError("a short SUBACK")
-            if suback is None or suback.done():
-                raise ProtocolError("a SUBACK nobody asked for")
+                raise ProtocolError(f"a short {'SUBACK' if kind == _SUBACK else 'UNSUBACK'}")
+            packet_id = struct.unpack_from("!H", body)[0]
             properties, at = _properties(body, 2)
-            code = body[at] if at < len(body) else 0x80
-            if code >= 0x80:
-                subscription = self.options.subscription
-                refusal = f"refused {subscription}: {_reason(code, properties)}"
-                suback.set_exception(RefusedError(refusal, permanent=True))
-            elif code == 0:
-                refusal = (
-                    f"granted {self.options.subscription} at QoS 0 only: readings would "
-                    "not be kept while the bridge is away"
-                )
-                suback.set_exception(RefusedError(refusal, permanent=True))
+            change = self._changes.pop(packet_id, None)
+            if change is not None:
+                self._changed(change, body[at:], properties)
+                return
+            suback = self._suback
+            if kind != _SUBACK or suback is None or suback.done():
+                raise ProtocolError("a SUBACK nobody asked for")
+            problem = self._refusal(self._suback_filters, body[at:], properties)
+            if problem:
+                suback.set_exception(RefusedError(problem, permanent=True))
             else:
                 suback.set_result(None)
         elif kind == _DISCONNECT:
@@ -662,6 +723,38 @@ class MqttSession:
                 )
         elif kind != _PINGRESP:
             raise ProtocolError(f"unexpected packet type {kind} for a subscriber")
+
+    @staticmethod
+    def _refusal(
+        filters: tuple[str, ...], codes: bytes, properties: dict[int, int | bytes]
+    ) -> str | None:
+        """Why a SUBACK's answer for `filters` is not QoS 1 for each, if it is not."""
+        for number, subscription in enumerate(filters):
+            code = codes[number] if number < len(codes) else 0x80
+            if code >= 0x80:
+                return f"refused {subscription}: {_reason(code, properties)}"
+            if code == 0:
+                return (
+                    f"granted {subscription} at QoS 0 only: readings would "
+                    "not be kept while the bridge is away"
+                )
+        return None
+
+    def _changed(
+        self,
+        change: tuple[str, tuple[str, ...]],
+        codes: bytes,
+        properties: dict[int, int | bytes],
+    ) -> None:
+        """The answer to a subscription changed at run time: a refusal is logged, not fatal
+        (the filters of the options were granted; this one may be forbidden by an ACL)."""
+        kind, filters = change
+        if kind == "subscribe":
+            refusal = self._refusal(filters, codes, properties)
+            if refusal:
+                log.error("mqtt_subscribe_refused", reason=refusal)
+            else:
+                log.info("mqtt_subscribed", filters=",".join(filters))
 
     def _connection_lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is not self._protocol:
@@ -683,6 +776,14 @@ class MqttSession:
         self._transport = None
         self._stop_keepalive()
         self.connected = self.subscribed = False
+        # Subscription changes the broker did not confirm are made again on the next
+        # connection, even if it keeps the session.
+        if (self._suback is not None and not self._suback.done()) or self._changes:
+            self._changed_offline = True
+            for kind, filters in self._changes.values():
+                if kind == "unsubscribe":
+                    self._removed_offline.update(f for f in filters if f not in self._filters)
+            self._changes.clear()
         for future in (self._connack, self._suback):
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(str(exc) if exc else "closed"))

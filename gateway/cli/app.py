@@ -19,6 +19,7 @@ from gateway.cli.stack import stack_app
 from gateway.cli.tail import tail_app
 from gateway.cli.terminal import print_error
 from gateway.cli.topics import topics_app
+from gateway.cli.types import types_app
 from gateway.errors import IotgwError
 from gateway.services.runtime import configure_logging
 
@@ -49,6 +50,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(broker_app, name="broker")
 app.add_typer(run_app, name="run")
 app.add_typer(rules_app, name="rules")
+app.add_typer(types_app, name="types")
 # Groups without a name add their commands at the top: simulate, audit, tail, bench.
 for commands in (simulate_app, tail_app, bench_app):
     app.add_typer(commands)

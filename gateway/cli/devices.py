@@ -32,6 +32,13 @@ T = TypeVar("T")
 
 DeviceIdArg = Annotated[str, typer.Argument(metavar="ID", help="The device id.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TzOption = Annotated[
+    str | None,
+    typer.Option(
+        help="IANA time zone of the device's clock (e.g. Europe/Berlin), for devices that send "
+        "local time without an offset; default IOTGW_DEFAULT_TZ."
+    ),
+]
 CredentialsOption = Annotated[
     bool,
     typer.Option(
@@ -64,14 +71,15 @@ def _time(ms: int) -> str:
 
 
 def _device_table(devices: list[Device]) -> Table:
-    table = Table("device_id", "type", "name", "site", "room", "enabled", "registered")
+    table = Table("device_id", "type", "name", "site", "room", "tz", "enabled", "registered")
     for d in devices:
         table.add_row(
             d.device_id,
-            d.type.value,
+            d.type,
             d.name or "",
             d.site or "",
             d.room or "",
+            d.tz or "",
             "yes" if d.enabled else "[red]no[/red]",
             _time(d.registered_at),
         )
@@ -156,11 +164,17 @@ def _print_password(device_id: str, password: str, as_json: bool) -> None:
 def register(
     device_id: DeviceIdArg,
     device_type: Annotated[
-        str, typer.Option("--type", help="thermostat, air_quality, motion, contact, smart_plug.")
+        str,
+        typer.Option(
+            "--type",
+            help="thermostat, air_quality, motion, contact, smart_plug, climate, or a type "
+            "of the types file (IOTGW_TYPES_FILE).",
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="A name people know it by.")] = None,
     site: Annotated[str | None, typer.Option(help="The building or home.")] = None,
     room: Annotated[str | None, typer.Option(help="The room.")] = None,
+    tz: TzOption = None,
     update: Annotated[bool, typer.Option(help="Change a device that is registered.")] = False,
     credentials: CredentialsOption = False,
     as_json: JsonOption = False,
@@ -168,7 +182,14 @@ def register(
     """Register a device (or change one with --update); --credentials gives it an MQTT login."""
     try:
         device = build_device(
-            device_id, device_type, registered_at=now_ms(), name=name, site=site, room=room
+            device_id,
+            device_type,
+            registered_at=now_ms(),
+            name=name,
+            site=site,
+            room=room,
+            tz=tz,
+            catalogue=load_settings().catalogue(),
         )
     except DeviceInputError as exc:
         raise IotgwError(str(exc), exit_code=2) from None
@@ -179,7 +200,7 @@ def register(
             raise IotgwError(f"device {device_id} is already registered; use --update to change it")
         new = device
         if old is not None:
-            given = {"name": name, "site": site, "room": room}
+            given = {"name": name, "site": site, "room": room, "tz": tz}
             new = old.model_copy(
                 update={"type": device.type}
                 | {k: getattr(device, k) for k, v in given.items() if v}
@@ -194,12 +215,12 @@ def register(
     if credentials:
         password = _issue_credentials(load_settings(), device_id)
         if not as_json:
-            console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
+            console.print(f"{done} {device_id} ({device.type})", highlight=False)
         _print_password(device_id, password, as_json)
     elif as_json:
         _print_json({"device_id": device_id, "result": done})
     else:
-        console.print(f"{done} {device_id} ({device.type.value})", highlight=False)
+        console.print(f"{done} {device_id} ({device.type})", highlight=False)
 
 
 @devices_app.command("list")
@@ -215,7 +236,7 @@ def list_devices(
             (
                 d
                 for d in registry
-                if (device_type is None or d.type.value == device_type)
+                if (device_type is None or d.type == device_type)
                 and (site is None or d.site == site)
             ),
             key=lambda d: d.device_id,
@@ -310,8 +331,12 @@ def remove(device_id: DeviceIdArg) -> None:
 @devices_app.command("import")
 def import_csv(
     file: Annotated[
-        Path, typer.Argument(help="CSV with the header device_id,type,name,site,room.")
+        Path, typer.Argument(help="CSV with the header device_id,type,name,site,room[,tz].")
     ],
+    tz: Annotated[
+        str | None,
+        typer.Option(help="Time zone of the devices whose row names none (e.g. Europe/Berlin)."),
+    ] = None,
     skip_invalid: Annotated[
         bool, typer.Option(help="Import the good rows even if some rows are bad.")
     ] = False,
@@ -322,7 +347,9 @@ def import_csv(
         text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise IotgwError(f"cannot read {file}: {exc}", exit_code=2) from None
-    parsed = parse_devices_csv(text, registered_at=now_ms())
+    parsed = parse_devices_csv(
+        text, registered_at=now_ms(), catalogue=load_settings().catalogue(), default_tz=tz
+    )
     for problem in parsed.errors:
         errors.print(f"{file}: {problem}", highlight=False, markup=False, soft_wrap=True)
     if parsed.errors and not skip_invalid:

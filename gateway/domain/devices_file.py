@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from schemas import Device, DeviceType, is_device_id
+from schemas import Device, is_device_id
+from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
 __all__ = ["DeviceInputError", "build_device", "parse_devices_csv"]
 
-CSV_COLUMNS = ("device_id", "type", "name", "site", "room")
-DEVICE_TYPES = ", ".join(t.value for t in DeviceType)
+CSV_COLUMNS = ("device_id", "type", "name", "site", "room", "tz")
 
 
 class DeviceInputError(ValueError):
@@ -28,29 +28,37 @@ def build_device(
     name: str | None = None,
     site: str | None = None,
     room: str | None = None,
+    tz: str | None = None,
     enabled: bool = True,
+    catalogue: TypeCatalogue = BUILTIN_CATALOGUE,
 ) -> Device:
-    """A Device from text fields, or DeviceInputError saying what is wrong in one line."""
+    """A Device from text fields, or DeviceInputError saying what is wrong in one line.
+    Its type must be one of `catalogue` (the built-in types and the types file's)."""
     if not is_device_id(device_id):
         raise DeviceInputError(
             f"invalid device id {device_id!r}: 1 to 64 letters, digits, '_' or '-', "
             "starting with a letter or digit"
         )
-    if device_type not in DeviceType.__members__.values():
-        raise DeviceInputError(f"unknown device type {device_type!r}: use one of {DEVICE_TYPES}")
+    try:
+        catalogue.check_type(device_type)
+    except ValueError as exc:
+        raise DeviceInputError(str(exc)) from None
     try:
         return Device(
             device_id=device_id,
-            type=DeviceType(device_type),
+            type=device_type,
             name=name or None,
             site=site or None,
             room=room or None,
+            tz=tz or None,
             enabled=enabled,
             registered_at=registered_at,
         )
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         field_name = ".".join(str(part) for part in first["loc"])
+        if field_name == "tz":
+            raise DeviceInputError(first["msg"].removeprefix("Value error, ")) from None
         raise DeviceInputError(
             f"invalid {field_name}: one line of printable text, at most 128 characters"
         ) from None
@@ -64,11 +72,18 @@ class DeviceCsv:
     errors: list[str] = field(default_factory=list)  # "line N: reason"
 
 
-def parse_devices_csv(text: str, *, registered_at: int) -> DeviceCsv:
-    """Read `device_id,type,name,site,room` rows; every bad row is reported by line number.
+def parse_devices_csv(
+    text: str,
+    *,
+    registered_at: int,
+    catalogue: TypeCatalogue = BUILTIN_CATALOGUE,
+    default_tz: str | None = None,
+) -> DeviceCsv:
+    """Read `device_id,type,name,site,room,tz` rows; every bad row is reported by line number.
 
-    The header must name `device_id` and `type`; `name`, `site` and `room` are optional
-    columns and may be empty. A device id given twice is an error on its second line.
+    The header must name `device_id` and `type`; `name`, `site`, `room` and `tz` are
+    optional columns and may be empty (a row without `tz` gets `default_tz`). A device id
+    given twice is an error on its second line.
     """
     result = DeviceCsv()
     reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
@@ -105,6 +120,8 @@ def parse_devices_csv(text: str, *, registered_at: int) -> DeviceCsv:
                 name=values.get("name"),
                 site=values.get("site"),
                 room=values.get("room"),
+                tz=values.get("tz") or default_tz,
+                catalogue=catalogue,
             )
         except DeviceInputError as exc:
             result.errors.append(f"line {line}: {exc}")

@@ -214,7 +214,7 @@ class RuleEngine:
                 self._apply(reading, alerts)
         if any(isinstance(rule, AbsenceRule) for rule in self.rules):
             for device in self.devices():
-                plan = self._plan(device.device_id, device.type.value, device)
+                plan = self._plan(device.device_id, device.type, device)
                 for rule, key in plan.absence:
                     alert = self._absence_tick(rule, key, now_ms)
                     if alert is not None:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gateway.errors import IotgwError
 from schemas.rules import RulesFile
+from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
 __all__ = ["RulesFileError", "load_rules"]
 
@@ -57,8 +58,9 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return text.replace("for_", "for") or "(file)"
 
 
-def load_rules(path: Path) -> RulesFile:
-    """The rules of `path`; RulesFileError listing every problem with file, line and field."""
+def load_rules(path: Path, catalogue: TypeCatalogue = BUILTIN_CATALOGUE) -> RulesFile:
+    """The rules of `path` for the device types of `catalogue`; RulesFileError listing every
+    problem with file, line and field."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -74,7 +76,7 @@ def load_rules(path: Path) -> RulesFile:
     if not isinstance(data, dict):
         raise RulesFileError([f"{path}: must be a mapping with a `rules:` list"])
     try:
-        return RulesFile.model_validate(data)
+        return RulesFile.model_validate(data, context={"catalogue": catalogue})
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False, include_input=False):

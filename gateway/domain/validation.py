@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
+import zoneinfo
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from pydantic import ValidationError
@@ -15,15 +19,22 @@ from pydantic_core import from_json, to_json
 from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import CanonicalReading
+from gateway.domain.sources import Adapter, SourceError, Sources, infer_type
 from gateway.topics import telemetry_device_id, telemetry_topic
 from schemas import Device, is_device_id
-from schemas.reading import MAX_PAYLOAD_BYTES, READING, Reading
+from schemas.reading import MAX_PAYLOAD_BYTES
+from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
-__all__ = ["READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejected"]
+__all__ = ["ENVELOPE", "READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejected"]
 
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
+# The source name of our own envelope in the metrics by source.
+ENVELOPE = "envelope"
+# Ignored field names counted per source (devices choose them; past this, "(other)").
+_IGNORED_NAMES_MAX = 200
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,80}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +44,7 @@ class Accepted:
     device_id: str
     value: bytes
     ts: int
+    device_time: bool = True  # False: the device sent no time, `ts` is the bridge's
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +75,9 @@ class ReadingValidator:
 
     Checks, in order: size, JSON, schema, payload id against the topic id, registry
     (unknown, disabled, type), clock skew, then the device's rate limit. Each reading of
-    a batch is judged on its own, so the valid ones pass.
+    a batch is judged on its own, so the valid ones pass. Messages of the device sources
+    (`sources`) are read by their adapter, then judged the same way against the device's
+    type; what it counts by source is in `by_source` and `ignored` until taken.
     """
 
     def __init__(
@@ -74,12 +88,22 @@ class ReadingValidator:
         max_age_ms: int,
         limiter: RateLimiter,
         clock: Callable[[], float] = time.monotonic,
+        sources: Sources | None = None,
+        catalogue: TypeCatalogue = BUILTIN_CATALOGUE,
+        default_tz: str = "UTC",
     ) -> None:
         self._lookup = lookup
         self._require_registration = require_registration
         self._max_age_ms = max_age_ms
         self._limiter = limiter
         self._clock = clock
+        self.sources = sources or Sources()
+        self.catalogue = catalogue
+        self._reading = catalogue.reading
+        self._default_tz = default_tz
+        self.by_source: Counter[str] = Counter()
+        self.ignored: Counter[tuple[str, str]] = Counter()
+        self._ignored_names: dict[str, set[str]] = {}
 
     def process(
         self, topic: str, payload: bytes, received_at: int, size: int | None = None
@@ -91,26 +115,28 @@ class ReadingValidator:
             return Rejected(device_id, reason, detail[:DETAIL_MAX], original, topic, received_at)
 
         device_id = _valid_device_id(topic)
+        if device_id is None and self.sources:
+            route = self.sources.route(topic)
+            if route is not None:
+                return self._process_source(route[0], topic, payload, received_at, size, reject)
+            if self.sources.claims(topic):
+                return []  # a source's topic that is no device's reading (bridge state, ...)
         if device_id is None:
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
-        size = len(payload) if size is None else size
-        if size > MAX_PAYLOAD_BYTES:
-            detail = (
-                f"payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}; "
-                f"its first {MAX_PAYLOAD_BYTES} bytes are kept"
-            )
-            return [reject(device_id, Reason.TOO_LARGE, detail, payload[:MAX_PAYLOAD_BYTES])]
+        if (too_large := _too_large(payload, size)) is not None:
+            return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
         if payload.lstrip()[:1] == b"{":
             # One reading, the common case: parsed and validated in one pass, in Rust.
             try:
-                reading = READING.validate_json(payload)
+                reading = self._reading.validate_json(payload)
             except ValidationError as exc:
                 first = exc.errors(include_url=False, include_input=False)[0]
                 if first["type"] == "json_invalid":
                     detail = f"not JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
                     return [reject(device_id, Reason.MALFORMED, detail, payload)]
                 return [reject(device_id, Reason.SCHEMA, _first_error(exc), payload)]
+            self.by_source[ENVELOPE] += 1
             return [self._check(device_id, reading, payload, received_at, reject)]
         try:
             document = from_json(payload, allow_inf_nan=False)
@@ -121,21 +147,109 @@ class ReadingValidator:
             return [reject(device_id, Reason.MALFORMED, detail, payload)]
         if not document:
             return [reject(device_id, Reason.SCHEMA, "empty batch", payload)]
+        self.by_source[ENVELOPE] += len(document)
         outcomes: list[Outcome] = []
         for item in document:
             original = _compact(item)
             try:
-                reading = READING.validate_python(item)
+                reading = self._reading.validate_python(item)
             except ValidationError as exc:
                 outcomes.append(reject(device_id, Reason.SCHEMA, _first_error(exc), original))
                 continue
             outcomes.append(self._check(device_id, reading, original, received_at, reject))
         return outcomes
 
+    def _process_source(
+        self,
+        adapter: Adapter,
+        topic: str,
+        payload: bytes,
+        received_at: int,
+        size: int | None,
+        reject: Callable[[str | None, Reason, str, bytes], Rejected],
+    ) -> list[Outcome]:
+        """A device source's message: read by its adapter, each reading filtered to its
+        device's type, validated, then checked like an envelope reading."""
+        device_id = adapter.device_of(topic)
+        if (too_large := _too_large(payload, size)) is not None:
+            return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
+        try:
+            readings = adapter.decode(topic, payload)
+        except SourceError as exc:
+            self.by_source[adapter.name] += 1
+            return [reject(device_id, exc.reason, exc.detail, payload)]
+        outcomes: list[Outcome] = []
+        for found in readings:
+            self.by_source[adapter.name] += 1
+            for name in found.ignored:
+                self._ignore(adapter.name, name)
+            if not is_device_id(found.device_id):
+                detail = f"{adapter.name} id {found.device_id!r} is not a valid device id"
+                outcomes.append(reject(None, Reason.UNKNOWN_DEVICE, detail, payload))
+                continue
+            device = self._lookup(found.device_id)
+            if device is None:
+                if self._require_registration:
+                    detail = f"device {found.device_id} is not registered"
+                    outcomes.append(reject(found.device_id, Reason.UNKNOWN_DEVICE, detail, payload))
+                    continue
+                kind = infer_type(found.metrics)
+                tz = self._default_tz
+            elif not device.enabled:
+                detail = f"device {found.device_id} is disabled"
+                outcomes.append(reject(found.device_id, Reason.DEVICE_DISABLED, detail, payload))
+                continue
+            else:
+                kind, tz = device.type, device.tz or self._default_tz
+            spec = self.catalogue.get(kind) if kind else None
+            if spec is None:
+                detail = (
+                    f"device type {kind} is not defined (types file)"
+                    if kind
+                    else f"cannot tell the type of {found.device_id} from "
+                    f"{', '.join(sorted(found.metrics)) or 'no metrics'}; register it"
+                )
+                outcomes.append(reject(found.device_id, Reason.SCHEMA, detail, payload))
+                continue
+            metrics: dict[str, Any] = {}
+            for metric, value in found.metrics.items():
+                if metric in spec.metric_names:
+                    metrics[metric] = value
+                else:
+                    self._ignore(adapter.name, found.origin.get(metric, metric))
+            if not metrics:
+                continue  # nothing of its type in this message (e.g. only link quality)
+            try:
+                metrics = self.catalogue.metrics_adapter(spec.name).validate_python(metrics)
+            except ValidationError as exc:
+                error = exc.errors(include_url=False, include_input=False)[0]
+                metric = str(error["loc"][0]) if error["loc"] else "metrics"
+                source = found.origin.get(metric)
+                where = f"{metric} (from {source})" if source and source != metric else metric
+                detail = f"{where}: {error['msg'].removeprefix('Value error, ')}"
+                outcomes.append(reject(found.device_id, Reason.SCHEMA, detail, payload))
+                continue
+            device_time = found.ts is not None
+            ts = _epoch_ms(found.ts, tz) if found.ts is not None else received_at
+            outcomes.append(
+                self._judge(found.device_id, kind or spec.name, ts, None, metrics, payload,
+                            received_at, reject, device_time=device_time)
+            )  # fmt: skip
+        return outcomes
+
+    def _ignore(self, source: str, name: str) -> None:
+        names = self._ignored_names.setdefault(source, set())
+        if name not in names:
+            if len(names) >= _IGNORED_NAMES_MAX or not _FIELD_NAME.fullmatch(name):
+                name = "(other)"
+            else:
+                names.add(name)
+        self.ignored[(source, name)] += 1
+
     def _check(
         self,
         device_id: str,
-        reading: Reading,
+        reading: dict[str, Any],
         original: bytes,
         received_at: int,
         reject: Callable[[str | None, Reason, str, bytes], Rejected],
@@ -157,6 +271,25 @@ class ReadingValidator:
         elif device.type != kind:
             detail = f"reading type {kind} but device {device_id} is a {device.type}"
             return reject(device_id, Reason.TYPE_MISMATCH, detail, original)
+        metrics = cast(dict[str, Any], reading["metrics"])
+        return self._judge(
+            device_id, kind, ts, reading.get("seq"), metrics, original, received_at, reject
+        )
+
+    def _judge(
+        self,
+        device_id: str,
+        kind: str,
+        ts: int,
+        seq: int | None,
+        metrics: dict[str, Any],
+        original: bytes,
+        received_at: int,
+        reject: Callable[[str | None, Reason, str, bytes], Rejected],
+        *,
+        device_time: bool = True,
+    ) -> Outcome:
+        """The checks every valid reading passes last: its clock, the device's rate."""
         if ts > received_at + MAX_FUTURE_SKEW_MS:
             detail = f"ts is {(ts - received_at) / 1000:.0f} s ahead of the gateway's clock"
             return reject(device_id, Reason.CLOCK_SKEW, detail, original)
@@ -168,18 +301,17 @@ class ReadingValidator:
             return reject(device_id, Reason.RATE_LIMITED, detail, original)
         # Metrics keep the schema's types (a JSON 21 for a float field is 21.0, so InfluxDB
         # sees floats); a metric sent as null is left out.
-        metrics = cast(dict[str, Any], reading["metrics"])
         if None in metrics.values():
             metrics = {k: v for k, v in metrics.items() if v is not None}
         record: CanonicalReading = {
             "device_id": device_id,
             "type": kind,
             "ts": ts,
-            "seq": reading.get("seq"),
+            "seq": seq,
             "metrics": metrics,
             "received_at": received_at,
         }
-        return Accepted(device_id, to_json(record), ts)
+        return Accepted(device_id, to_json(record), ts, device_time)
 
 
 # The longest topic with a valid device id (64 characters); longer ones are refused
@@ -197,6 +329,30 @@ def _valid_device_id(topic: str) -> str | None:
 def _checked_device_id(topic: str) -> str | None:
     device_id = telemetry_device_id(topic)
     return device_id if device_id is not None and is_device_id(device_id) else None
+
+
+def _too_large(payload: bytes, size: int | None) -> str | None:
+    """Why a payload is too large (`size` is its real size when `payload` holds only its
+    first bytes); None if it is not."""
+    size = len(payload) if size is None else size
+    if size <= MAX_PAYLOAD_BYTES:
+        return None
+    limit = MAX_PAYLOAD_BYTES
+    return f"payload of {size} bytes exceeds {limit}; its first {limit} bytes are kept"
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(name)
+
+
+def _epoch_ms(ts: int | datetime, tz: str) -> int:
+    """A device time in epoch ms; a local time without an offset is read in `tz`."""
+    if isinstance(ts, int):
+        return ts
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=_zone(tz))
+    return int(ts.timestamp() * 1000)
 
 
 def _compact(item: Any) -> bytes:

@@ -79,7 +79,7 @@ class RulesService:
         self.settings = settings
         self.metrics = metrics or RulesMetrics()
         self.topics = Topics(settings.topic_prefix)
-        self.rules: list[Rule] = load_rules(settings.rules_file).rules
+        self.rules: list[Rule] = load_rules(settings.rules_file, settings.catalogue()).rules
         self.by_id = {rule.id: rule for rule in self.rules}
         self.registry = DeviceRegistry(settings)
         self.engine = RuleEngine(

@@ -220,6 +220,24 @@ class BridgeMetrics:
         self.kafka_retries = Counter(
             "iotgw_bridge_kafka_retries", "records sent to Kafka again after a failure", registry=r
         )
+        self.source_readings = Counter(
+            "iotgw_bridge_source_readings",
+            "readings received by device source (envelope, zigbee2mqtt, tasmota, ...)",
+            ["source"],
+            registry=r,
+        )
+        self.ignored_fields = Counter(
+            "iotgw_bridge_ignored_fields",
+            "fields of device sources' messages not ingested (unmapped, or not of the "
+            "device's type), by source and field",
+            ["source", "field"],
+            registry=r,
+        )
+        self.discovered_entities = Gauge(
+            "iotgw_bridge_discovered_entities",
+            "Home Assistant entities learned from discovery and read",
+            registry=r,
+        )
         self.redeliveries = Counter(
             "iotgw_bridge_unacknowledged_after_reconnect",
             "messages finished after their MQTT connection was lost; the broker sends them again",

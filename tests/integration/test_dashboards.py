@@ -1,5 +1,6 @@
 """Grafana dashboards: well formed, on the provisioned datasource, and every query returns
-rows from a real InfluxDB that holds simulated readings, alerts and dead letters."""
+rows from a real InfluxDB that holds simulated readings (of every built-in type and a
+user-defined one), alerts and dead letters."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import create_producer, produce
 from gateway.clock import now_ms
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.validation import Accepted, ReadingValidator
 from gateway.settings import Settings
-from gateway.topics import Topics
-from schemas import Device, DeviceType
+from gateway.topics import Topics, telemetry_topic
+from schemas import Device
+from schemas.types import BUILTIN_CATALOGUE
 from tests.conftest import unique
 from tests.support import (
     canonical,
@@ -55,6 +60,26 @@ FULL_METRICS: dict[str, dict[str, Any]] = {
         "current_a": 5.2,
         "energy_kwh": 12.5,
     },
+    "climate": {
+        "temperature_c": 19.5,
+        "humidity_pct": 55.0,
+        "pressure_hpa": 1013.2,
+        "battery_pct": 70.0,
+    },
+}
+# A user-defined type (DESIGN.md, "Device sources"): the dashboard has no panel of its own
+# for it, only the generic ones of the device's `$type`.
+USER_TYPES = """\
+types:
+  - name: soil_probe
+    metrics:
+      - {name: moisture, unit: pct, kind: float, min: 0, max: 100}
+      - {name: temperature, unit: c, kind: float, min: -40, max: 85}
+      - {name: leak, kind: bool}
+      - {name: tips, kind: int, min: 0}
+"""
+USER_METRICS: dict[str, dict[str, Any]] = {
+    "soil_probe": {"moisture_pct": 41.5, "temperature_c": 12.5, "leak": False, "tips": 3},
 }
 
 
@@ -90,29 +115,45 @@ def test_dashboards_are_well_formed_and_use_the_provisioned_datasource() -> None
 
 
 def test_device_detail_has_a_panel_per_metric_of_every_type() -> None:
-    """One panel for each metric of DESIGN.md's device types."""
+    """One panel for each metric of the built-in types, and the generic panels of `$type`."""
+    assert {t: list(m) for t, m in FULL_METRICS.items()} == {
+        spec.name: [m.name for m in spec.metrics] for spec in BUILTIN_CATALOGUE.types.values()
+    }
     device = LOADED["device-detail"]
     titles = {p["title"] for p in panels(device)}
     expected = {f"{t}: {m}" for t, metrics in FULL_METRICS.items() for m in metrics}
-    assert titles == expected
-    assert [v["name"] for v in device["templating"]["list"]] == ["device"]
+    assert titles == expected | {"$type: every number", "$type: latest"}
+    assert [v["name"] for v in device["templating"]["list"]] == ["device", "type"]
 
 
-async def simulated(settings: Settings) -> tuple[Settings, dict[str, str]]:
-    """A database filled through the real writer: a device of every type, alerts, dead letters."""
-    s = await own_settings(settings, writer_flush_interval_s=0.2)
-    devices = {t: unique(t.replace("_", "-")) for t in FULL_METRICS}
+@pytest.fixture
+def types_file(tmp_path: Path) -> Path:
+    """A types file that defines USER_TYPES."""
+    path = tmp_path / "types.yaml"
+    path.write_text(USER_TYPES)
+    return path
+
+
+async def simulated(settings: Settings, types_file: Path) -> tuple[Settings, dict[str, str]]:
+    """A database filled through the real writer: a device of every type, built-in or of the
+    types file, alerts, dead letters."""
+    s = await own_settings(settings, writer_flush_interval_s=0.2, types_file=types_file)
+    every_type = FULL_METRICS | USER_METRICS
+    devices = {t: unique(t.replace("_", "-")) for t in every_type}
     await register(
         s,
         *(
-            Device(device_id=d, type=DeviceType(t), registered_at=0, site="home", room="hall")
+            Device(device_id=d, type=t, registered_at=0, site="home", room="hall")
             for t, d in devices.items()
         ),
     )
     topics = Topics(s.topic_prefix)
     t0 = now_ms() - 20 * 60_000
+    catalogue = s.catalogue()
+    for t, metrics in every_type.items():
+        catalogue.metrics_adapter(t).validate_python(metrics)
     readings = [
-        (d.encode(), canonical(d, t, i, t0 + i * 60_000, **FULL_METRICS[t]))
+        (d.encode(), canonical(d, t, i, t0 + i * 60_000, **every_type[t]))
         for t, d in devices.items()
         for i in range(15)
     ]
@@ -131,7 +172,7 @@ async def simulated(settings: Settings) -> tuple[Settings, dict[str, str]]:
     finally:
         await producer.stop()
     async with running_writer(s):
-        for t in FULL_METRICS:
+        for t in every_type:
             await until_points(s, t, 15)
         await until_points(s, "alerts", 1, field="message")
         await until_points(s, "rejected", 1, field="bytes")
@@ -139,25 +180,125 @@ async def simulated(settings: Settings) -> tuple[Settings, dict[str, str]]:
     return s, devices
 
 
-def substitute(query: str, device: str) -> str:
+def substitute(query: str, device: str, device_type: str = "none") -> str:
     """What Grafana does before sending a query: variables and time macros."""
     return (
         query.replace("$timeFilter", "time > now() - 1h")
         .replace("$__interval", "1m")
         .replace("$device", re.escape(device))
+        .replace("$type", re.escape(device_type))
     )
 
 
-async def test_every_panel_query_returns_rows(settings: Settings) -> None:
-    """Each panel's InfluxQL, with variables substituted, returns rows from real data."""
-    own, devices = await simulated(settings)
+async def type_variable(settings: Settings, device: str) -> list[str]:
+    """The values Grafana offers for the device-detail dashboard's `$type` once `$device` is
+    chosen: its query's answer, kept by its regex (a JavaScript one, written /.../)."""
+    [variable] = [v for v in LOADED["device-detail"]["templating"]["list"] if v["name"] == "type"]
+    keep = re.compile(variable["regex"][1 : variable["regex"].rindex("/")])
+    answer = await influx_rows(settings, substitute(variable["query"], device))
+    return [str(row[0]) for row in answer if keep.search(str(row[0]))]
+
+
+async def test_every_panel_query_returns_rows(settings: Settings, types_file: Path) -> None:
+    """Each panel's InfluxQL returns rows from real data; `$type`'s for a device of every type."""
+    own, devices = await simulated(settings, types_file)
     checked = 0
     for name, dashboard in LOADED.items():
         for panel in panels(dashboard):
             for target in panel["targets"]:
+                if "$type" in target["query"]:
+                    for device_type, device in devices.items():
+                        assert await type_variable(own, device) == [device_type]
+                        query = substitute(target["query"], device, device_type)
+                        rows = await influx_rows(own, query)
+                        assert rows, f"{name}: {panel['title']} returned nothing for {device_type}"
+                        checked += 1
+                    continue
                 measurement = re.search(r'FROM "(\w+)"', target["query"])
                 device = devices.get(measurement.group(1), "none") if measurement else "none"
                 rows = await influx_rows(own, substitute(target["query"], device))
                 assert rows, f"{name}: {panel['title']} returned nothing"
                 checked += 1
-    assert checked >= 25
+    assert checked >= 40
+
+
+def generic_queries() -> dict[str, str]:
+    """The device-detail dashboard's panels that show whatever type the device has."""
+    return {
+        panel["title"]: target["query"]
+        for panel in panels(LOADED["device-detail"])
+        for target in panel["targets"]
+        if "$type" in target["query"]
+    }
+
+
+async def test_generic_panels_show_every_metric_of_a_user_defined_type(
+    settings: Settings, types_file: Path
+) -> None:
+    """A types-file type's readings show in the `$type` panels: numbers, latest values, no seq."""
+    own = await own_settings(settings, writer_flush_interval_s=0.2, types_file=types_file)
+    device = unique("soil")
+    await register(own, Device(device_id=device, type="soil_probe", registered_at=0, site="home"))
+    validator = ReadingValidator(
+        {device: Device(device_id=device, type="soil_probe", registered_at=0)}.get,
+        require_registration=True,
+        max_age_ms=3600_000,
+        limiter=RateLimiter(1000.0, 1000),
+        catalogue=own.catalogue(),
+    )
+    t0 = now_ms() - 10 * 60_000
+    sent = [
+        {"moisture_pct": 40, "temperature_c": 12.0, "leak": False, "tips": 0},
+        {"moisture_pct": 42.5, "leak": True, "tips": 2},  # a partial reading
+        {"moisture_pct": 45.5, "temperature_c": 13.0, "leak": False, "tips": 5},
+    ]
+    payloads = [
+        json.dumps({"type": "soil_probe", "ts": t0 + i * 120_000, "seq": i, "metrics": m})
+        for i, m in enumerate(sent)
+    ]
+    outcomes = [
+        outcome
+        for payload in payloads
+        for outcome in validator.process(telemetry_topic(device), payload.encode(), now_ms())
+    ]
+    accepted = [o for o in outcomes if isinstance(o, Accepted)]
+    assert len(accepted) == len(sent), outcomes
+    topics = Topics(own.topic_prefix)
+    await produce(own, topics.readings, [(o.device_id.encode(), o.value) for o in accepted])
+    # The device's own alerts and dead letters share its tag: `$type` must not offer them.
+    alert = {"rule": "soil-dry", "device_id": device, "state": "firing", "value": 40.0,
+             "ts": t0, "message": "dry"}  # fmt: skip
+    await produce(own, topics.alerts, [(device.encode(), json.dumps(alert).encode())])
+    headers = [("error", b"schema"), ("detail", b"bad"), ("received_at", str(t0).encode())]
+    producer = create_producer(own)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topics.dead_letters, b"{}", key=device.encode(), headers=headers
+        )
+    finally:
+        await producer.stop()
+    async with running_writer(own):
+        await until_points(own, "soil_probe", len(sent))
+        await until_points(own, "alerts", 1, field="message")
+        await until_points(own, "rejected", 1, field="bytes")
+
+    assert await type_variable(own, device) == ["soil_probe"]
+    queries = generic_queries()
+    async with InfluxClient(str(own.influx_url), auth=own.influx_auth) as influx:
+        [every_number] = await influx.query(
+            substitute(queries["$type: every number"], device, "soil_probe"), db=own.influx_db
+        )
+        [latest] = await influx.query(
+            substitute(queries["$type: latest"], device, "soil_probe"), db=own.influx_db
+        )
+    [series] = every_number["series"]
+    assert series["name"] == "soil_probe"
+    assert series["columns"] == ["time", "mean_moisture_pct", "mean_temperature_c", "mean_tips"]
+    points = [row for row in series["values"] if any(v is not None for v in row[1:])]
+    assert [row[1:] for row in points] == [[40.0, 12.0, 0], [42.5, None, 2], [45.5, 13.0, 5]]
+    [series] = latest["series"]
+    assert series["columns"] == [
+        "time", "last_leak", "last_moisture_pct", "last_temperature_c", "last_tips",
+    ]  # fmt: skip
+    assert series["values"][0][1:] == [False, 45.5, 13.0, 5]

@@ -25,6 +25,7 @@ class MemoryWorker:
         self.number = number
         self.ready = False
         self.received: list[tuple[int, str, bytes, int]] = []
+        self.configs: list[tuple[str, bytes]] = []
         self._frames: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
     async def start(self) -> None:
@@ -33,8 +34,11 @@ class MemoryWorker:
     def send(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         self.received += messages
 
+    def send_discovery(self, topic: str, payload: bytes) -> None:
+        self.configs.append((topic, payload))
+
     def finish(self, indices: list[int]) -> None:
-        self._frames.put_nowait(("done", indices, (len(indices), len(indices), {}, 0, 0)))
+        self._frames.put_nowait(("done", indices, (len(indices), len(indices), {}, 0, 0, {}, {})))
 
     async def frames(self) -> AsyncIterator[tuple[Any, ...]]:
         while True:

@@ -46,7 +46,7 @@ def test_record_round_trips_as_json_with_design_fields() -> None:
     device = build_device("d1", "smart_plug", registered_at=T0, name="Kettle", room="kitchen")
     data = device.model_dump(mode="json")
     assert list(data) == [
-        "device_id", "type", "name", "site", "room", "enabled", "registered_at",
+        "device_id", "type", "name", "site", "room", "enabled", "tz", "registered_at",
     ]  # fmt: skip
     assert data["type"] == "smart_plug"
     assert data["site"] is None
@@ -100,7 +100,7 @@ def test_csv_needs_id_and_type_columns_only() -> None:
     errors = parse_devices_csv("id,type,floor\nd1,motion,2\n", registered_at=T0).errors
     assert errors == [
         "line 1: missing column device_id, unknown column id, unknown column floor "
-        "(header: device_id,type,name,site,room)"
+        "(header: device_id,type,name,site,room,tz)"
     ]
 
 

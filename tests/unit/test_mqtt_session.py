@@ -41,7 +41,7 @@ def options(port: int, **overrides: object) -> SessionOptions:
     values: dict[str, object] = {
         "endpoint": parse_mqtt_url(f"mqtt://user:secret@127.0.0.1:{port}"),
         "client_id": "bridge-under-test",
-        "subscription": "devices/+/telemetry",
+        "subscriptions": ("devices/+/telemetry",),
         "session_expiry_s": 300,
         "max_in_flight": 100,
         "timeout_s": 5.0,
@@ -207,7 +207,7 @@ async def test_a_shared_subscription_is_made_again_on_every_connection() -> None
     """Mosquitto forgets shared subscriptions on a crash while keeping the session."""
     async with (
         ScriptedBroker() as broker,
-        session_with(broker, subscription="$share/g/devices/+/telemetry") as (session, _),
+        session_with(broker, subscriptions=("$share/g/devices/+/telemetry",)) as (session, _),
     ):
         first = await broker.connection(0)
         broker.session_present = True
@@ -215,6 +215,37 @@ async def test_a_shared_subscription_is_made_again_on_every_connection() -> None
         second = await broker.connection(1)
         await until(lambda: second.subscribe is not None, 5, "subscribed again")
         assert session.connected
+
+
+async def test_filters_added_and_removed_at_run_time_follow_the_session() -> None:
+    """All filters go in the first SUBSCRIBE; one added while connected is subscribed at
+    once, one removed is unsubscribed; changes made while away are made on the next
+    connection even when the broker kept the session."""
+    sources = ("devices/+/telemetry", "tele/+/SENSOR")
+    async with (
+        ScriptedBroker() as broker,
+        session_with(broker, subscriptions=sources) as (session, _),
+    ):
+        first = await broker.connection(0)
+        assert first.subscribe is not None
+        assert first.subscribe.filters == list(sources)
+        session.subscribe(["ha/bedroom/state", "tele/+/SENSOR"])
+        session.unsubscribe(["tele/+/SENSOR"])
+        await until(lambda: len(first.changes) == 2, 5, "the two changes")
+        assert [(p.kind, p.filters) for p in first.changes] == [
+            (8, ["ha/bedroom/state"]), (10, ["tele/+/SENSOR"])
+        ]  # fmt: skip
+        assert len({p.packet_id for p in first.changes} | {first.subscribe.packet_id}) == 3
+        broker.session_present = True
+        first.drop()
+        session.subscribe(["ha/hall/state"])
+        session.unsubscribe(["ha/bedroom/state"])
+        second = await broker.connection(1)
+        await until(lambda: second.subscribe is not None and bool(second.changes), 5, "changes")
+    assert second.subscribe is not None
+    assert second.subscribe.filters == ["devices/+/telemetry", "ha/hall/state"]
+    assert [(p.kind, p.filters) for p in second.changes] == [(10, ["ha/bedroom/state"])]
+    assert session.subscriptions == ("devices/+/telemetry", "ha/hall/state")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from gateway.domain.records import CanonicalReading
 from gateway.domain.rules import Alert, RuleEngine, RuleState, decode_reading
 from gateway.domain.rules_file import RulesFileError, load_rules
 from schemas import Device, DeviceType
-from schemas.rules import METRICS_OF, RulesFile
+from schemas.rules import RulesFile
+from schemas.types import BUILTIN_CATALOGUE
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +50,7 @@ def engine(*rules: dict[str, Any], grace_ms: int = 0) -> RuleEngine:
 
 def reading(device_id: str, ts: int, **metrics: Any) -> CanonicalReading:
     device = DEVICES.get(device_id)
-    device_type = device.type.value if device else "thermostat"
+    device_type = device.type if device else "thermostat"
     return CanonicalReading(
         device_id=device_id, type=device_type, ts=ts, seq=0, metrics=metrics, received_at=ts
     )
@@ -349,12 +350,12 @@ def test_indexed_engine_alerts_like_one_engine_per_rule_on_a_mixed_workload() ->
             registry["d5"] = registry["d5"].model_copy(update={"type": DeviceType.AIR_QUALITY})
         device = registry[f"d{step % 10}"]
         ts = T0 + step * 60_000 + (step % 7) * 1000
-        metric_names = [m for m in values if m in METRICS_OF[device.type]]
+        metric_names = [m for m in values if m in BUILTIN_CATALOGUE.metric_names(device.type)]
         metrics = {
             m: values[m][(step * 7 + i) % len(values[m])] for i, m in enumerate(metric_names)
         }
         workload.append((registry, CanonicalReading(
-            device_id=device.device_id, type=device.type.value, ts=ts, seq=step,
+            device_id=device.device_id, type=device.type, ts=ts, seq=step,
             metrics=metrics, received_at=ts,
         )))  # fmt: skip
 

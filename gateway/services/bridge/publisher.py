@@ -31,8 +31,10 @@ RETRY_BACKOFF = Backoff(first=0.1, cap=5.0)
 BATCH_BYTES = 512 * 1024
 # Keys whose lane is remembered (a device's partition never changes).
 _LANE_CACHE = 100_000
-# The headers of every reading's record (aiokafka only reads them).
-_READING_HEADERS: Headers = [("schema", READING_SCHEMA)]
+# The headers of a reading's record (aiokafka only reads them): its schema, and whether its
+# time is the device's or, for a device that sent none, the bridge's.
+_DEVICE_TIME_HEADERS: Headers = [("schema", READING_SCHEMA), ("ts_source", b"device")]
+_GATEWAY_TIME_HEADERS: Headers = [("schema", READING_SCHEMA), ("ts_source", b"gateway")]
 
 
 class PublishError(IotgwError):
@@ -138,7 +140,8 @@ class KafkaPublisher:
         for outcome in outcomes:
             if isinstance(outcome, Accepted):
                 topic, key = self._readings, outcome.device_id.encode()
-                value, headers = outcome.value, _READING_HEADERS
+                value = outcome.value
+                headers = _DEVICE_TIME_HEADERS if outcome.device_time else _GATEWAY_TIME_HEADERS
             else:
                 topic = self._dead_letters
                 key = outcome.device_id.encode() if outcome.device_id else None

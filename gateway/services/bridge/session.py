@@ -1,8 +1,9 @@
 """The ingestion bridge: one ordered MQTT session in, worker processes out to Kafka.
 
 This process holds the MQTT session and the acknowledgement order (gateway.adapters.mqtt_session);
-each message goes to the worker process that owns its device (a stable hash of the id in
-the topic), which validates it and produces it to Kafka (gateway.services.bridge.worker). A
+each message goes to the worker process that owns its device (a stable hash of the device
+id the topic names, in our envelope's topic or a device source's), which validates it and
+produces it to Kafka (gateway.services.bridge.worker). A
 worker gets its devices' messages in arrival order and produces each partition's records
 in order, so a device's readings reach its partition in the order it sent them. A
 message's PUBACK leaves once Kafka acknowledged its records and every earlier message's.
@@ -21,8 +22,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway.adapters.discovery import DiscoveryReader
 from gateway.adapters.mqtt_session import Message, MqttSession, SessionOptions
 from gateway.clock import now_ms
+from gateway.domain.sources import Sources
 from gateway.errors import IotgwError
 from gateway.services.bridge.worker import read_frame, write_frame
 from gateway.services.runtime import BridgeMetrics, HealthServer
@@ -39,11 +42,14 @@ DRAIN_TIMEOUT_S = 7.0
 _WORKER_EXIT_S = 2.0
 
 
-def owner(topic: str, workers: int) -> int:
-    """The worker that owns the device of `devices/{device_id}/telemetry`: a stable hash
-    of the id, the same in every process and after every restart."""
-    device = telemetry_device_id(topic) or topic
-    return zlib.crc32(device.encode()) % workers
+def owner(topic: str, workers: int, sources: Sources | None = None) -> int:
+    """The worker that owns the device a topic is about: a stable hash of its id, the same
+    in every process and after every restart."""
+    device = telemetry_device_id(topic)
+    if device is None and sources:
+        route = sources.route(topic)
+        device = route[1] if route else None
+    return zlib.crc32((device or topic).encode()) % workers
 
 
 class Worker(Protocol):
@@ -56,6 +62,8 @@ class Worker(Protocol):
     async def start(self) -> None: ...
 
     def send(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None: ...
+
+    def send_discovery(self, topic: str, payload: bytes) -> None: ...
 
     def frames(self) -> AsyncIterator[tuple[Any, ...]]: ...
 
@@ -95,6 +103,10 @@ class WorkerProcess:
     def send(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         assert self._writer is not None
         write_frame(self._writer, ("messages", received_at, messages))
+
+    def send_discovery(self, topic: str, payload: bytes) -> None:
+        assert self._writer is not None
+        write_frame(self._writer, ("discovery", topic, payload))
 
     async def frames(self) -> AsyncIterator[tuple[Any, ...]]:
         """The worker's frames until it exits or fails: then IotgwError with the reason."""
@@ -145,14 +157,29 @@ class Bridge:
         of those."""
         self.settings = settings
         self.metrics = metrics or BridgeMetrics()
+        self.sources = settings.sources()
+        settings.catalogue()  # a types file that cannot be used stops the bridge now
         self.workers: Sequence[Worker] = workers or [
             WorkerProcess(n, settings) for n in range(settings.bridge_workers)
         ]
+        homeassistant = self.sources.homeassistant
+        self.discovery = (
+            DiscoveryReader(
+                settings.mqtt,
+                homeassistant.config_filters,
+                self._discovered,
+                client_id=settings.mqtt_client_id,
+                ca_file=settings.mqtt_ca_file,
+                timeout_s=settings.timeout_s,
+            )
+            if homeassistant is not None
+            else None
+        )
         self.session = MqttSession(
             SessionOptions(
                 endpoint=settings.mqtt,
                 client_id=settings.mqtt_client_id,
-                subscription=self.subscription,
+                subscriptions=self.subscriptions,
                 session_expiry_s=settings.mqtt_session_expiry_s,
                 max_in_flight=settings.max_in_flight,
                 ca_file=settings.mqtt_ca_file,
@@ -166,9 +193,12 @@ class Bridge:
         self.health: HealthServer | None = None
 
     @property
-    def subscription(self) -> str:
+    def subscriptions(self) -> tuple[str, ...]:
+        """Our envelope's filter and the device sources' (Home Assistant's state topics are
+        added as discovery names them)."""
         group = self.settings.mqtt_share_group
-        return f"$share/{group}/{MQTT_TELEMETRY_FILTER}" if group else MQTT_TELEMETRY_FILTER
+        filters = (MQTT_TELEMETRY_FILTER, *self.sources.filters)
+        return tuple(f"$share/{group}/{f}" for f in filters) if group else filters
 
     def readiness(self) -> dict[str, bool]:
         workers = all(worker.ready for worker in self.workers)
@@ -198,7 +228,7 @@ class Bridge:
             log.info(
                 "bridge_started",
                 client_id=self.settings.mqtt_client_id,
-                subscription=self.subscription,
+                subscriptions=",".join(self.session.subscriptions),
                 workers=len(self.workers),
                 max_in_flight=self.settings.max_in_flight,
                 metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics",
@@ -217,14 +247,33 @@ class Bridge:
         come at once, and only the workers' answers make room for more."""
         await asyncio.gather(*(worker.start() for worker in self.workers))
         tasks += [asyncio.create_task(self._follow(worker)) for worker in self.workers]
+        if self.discovery is not None:
+            # Every entity known before the first state message comes (see DiscoveryReader).
+            await self.discovery.start()
         if self.settings.mqtt_share_group:
             log.warning(
                 "shared_subscription",
-                subscription=self.subscription,
+                subscriptions=",".join(self.subscriptions),
                 warning="per-device order holds only on a broker whose shared subscriptions are "
                 "sticky per publisher (EMQX hash_clientid); Mosquitto's are not",
             )
         await self.session.connect()
+
+    def _discovered(self, topic: str, payload: bytes) -> None:
+        """A discovery config: learn it here (to route its state topics), tell every worker
+        (before any later message), and follow the state topics it adds or removes."""
+        homeassistant = self.sources.homeassistant
+        assert homeassistant is not None
+        change = homeassistant.learn(topic, payload)
+        if change.problem:
+            log.warning("discovery_config_skipped", topic=topic, reason=change.problem)
+        for worker in self.workers:
+            worker.send_discovery(topic, payload)
+        group = self.settings.mqtt_share_group
+        shared = (lambda f: f"$share/{group}/{f}") if group else (lambda f: f)
+        self.session.subscribe([shared(f) for f in change.subscribe])
+        self.session.unsubscribe([shared(f) for f in change.unsubscribe])
+        self.metrics.discovered_entities.set(len(homeassistant.filters))
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Hand each message to the worker that owns its device, in arrival order."""
@@ -235,8 +284,11 @@ class Bridge:
             workers[0].send(received_at, [(m.index, m.topic, m.payload, m.size) for m in messages])
             return
         shares: list[list[tuple[int, str, bytes, int]]] = [[] for _ in workers]
+        sources = self.sources
         for m in messages:
-            shares[owner(m.topic, len(workers))].append((m.index, m.topic, m.payload, m.size))
+            shares[owner(m.topic, len(workers), sources)].append(
+                (m.index, m.topic, m.payload, m.size)
+            )
         for worker, share in zip(workers, shares, strict=True):
             if share:
                 worker.send(received_at, share)
@@ -247,7 +299,7 @@ class Bridge:
         async for frame in worker.frames():
             if frame[0] != "done":
                 continue
-            _, done, (readings, published, rejected, retries, newest_ts) = frame
+            _, done, (readings, published, rejected, retries, newest_ts, sources, ignored) = frame
             self.session.complete(done)
             metrics.readings.inc(readings)
             if published:
@@ -257,6 +309,10 @@ class Bridge:
                 metrics.rejected.labels(reason).inc(count)
             if retries:
                 metrics.kafka_retries.inc(retries)
+            for source, count in sources.items():
+                metrics.source_readings.labels(source).inc(count)
+            for (source, field), count in ignored.items():
+                metrics.ignored_fields.labels(source, field).inc(count)
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop taking messages, let Kafka acknowledge what is in flight, then close."""
@@ -273,6 +329,8 @@ class Bridge:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(worker.stop() for worker in self.workers))
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.health is not None:
             self.health.stop()
         log.info("bridge_stopped")

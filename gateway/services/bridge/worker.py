@@ -6,10 +6,14 @@ go both ways (a 4-byte length, then a `marshal`led tuple of plain values):
 
 - to the worker: `("messages", received_at_ms, [(index, topic, payload, size), ...])`,
   every message of the devices this worker owns, in arrival order (`size` is the
-  payload's, larger than `payload` when only its first bytes were kept);
+  payload's, larger than `payload` when only its first bytes were kept), and
+  `("discovery", topic, payload)`, each Home Assistant discovery config, to every worker
+  before any message that follows it;
 - to the session: `("ready",)` once the registry is loaded and Kafka answers, or
   `("error", reason)` and exit 1; then `("done", [index, ...], stats)` as Kafka
-  acknowledges messages, `stats` being what happened since the last frame.
+  acknowledges messages, `stats` being what happened since the last frame (readings,
+  published, rejected by reason, Kafka retries, newest ts, readings by source, ignored
+  fields by (source, field)).
 
 End of input (the session closed its end, or died) stops the worker.
 """
@@ -33,6 +37,7 @@ from aiokafka.errors import KafkaError
 
 from gateway.adapters.kafka import create_producer, started
 from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.sources import Sources
 from gateway.domain.validation import ReadingValidator
 from gateway.errors import IotgwError
 from gateway.services.bridge.publisher import BATCH_BYTES, KafkaPublisher
@@ -40,6 +45,7 @@ from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import service_logging, tune_gc
 from gateway.settings import Settings, load_settings
 from gateway.topics import Topics
+from schemas.types import TypeCatalogue
 
 __all__ = ["IngestWorker", "read_frame", "write_frame"]
 
@@ -69,7 +75,13 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 class IngestWorker:
     """The devices' half of the bridge: registry view, validation, rate limit, Kafka."""
 
-    def __init__(self, settings: Settings, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        writer: asyncio.StreamWriter,
+        sources: Sources,
+        catalogue: TypeCatalogue,
+    ) -> None:
         self.settings = settings
         self._writer = writer
         self.registry = DeviceRegistry(settings)
@@ -78,6 +90,9 @@ class IngestWorker:
             require_registration=settings.require_registration,
             max_age_ms=int(settings.max_reading_age_s * 1000),
             limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+            sources=sources,
+            catalogue=catalogue,
+            default_tz=settings.default_tz,
         )
         self._producer: AIOKafkaProducer | None = None
         self._publisher: KafkaPublisher | None = None
@@ -123,6 +138,12 @@ class IngestWorker:
         if publisher.pending:
             self._idle.clear()
 
+    def discovered(self, topic: str, payload: bytes) -> None:
+        """A Home Assistant discovery config, as the session read it."""
+        homeassistant = self.validator.sources.homeassistant
+        if homeassistant is not None:
+            homeassistant.learn(topic, payload)
+
     def _finished(self, index: int) -> None:
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
@@ -134,7 +155,14 @@ class IngestWorker:
         stats = self._publisher.take_stats()
         done, self._done = self._done, []
         readings, self._readings = self._readings, 0
-        counts = (readings, stats.published, dict(stats.rejected), stats.retries, stats.newest_ts)
+        validator = self.validator
+        by_source, ignored = dict(validator.by_source), dict(validator.ignored)
+        validator.by_source.clear()
+        validator.ignored.clear()
+        counts = (
+            readings, stats.published, dict(stats.rejected), stats.retries, stats.newest_ts,
+            by_source, ignored,
+        )  # fmt: skip
         with contextlib.suppress(ConnectionError):
             write_frame(self._writer, ("done", done, counts))
         if not self._publisher.pending:
@@ -159,7 +187,7 @@ async def serve(fd: int) -> int:
     try:
         settings = load_settings()
         service_logging(settings.log_format)
-        worker = IngestWorker(settings, writer)
+        worker = IngestWorker(settings, writer, settings.sources(), settings.catalogue())
         await worker.start()
     except IotgwError as exc:
         write_frame(writer, ("error", str(exc)))
@@ -169,7 +197,10 @@ async def serve(fd: int) -> int:
 
     async def pump() -> None:
         while (frame := await read_frame(reader)) is not None:
-            worker.handle(frame[1], frame[2])
+            if frame[0] == "messages":
+                worker.handle(frame[1], frame[2])
+            else:
+                worker.discovered(frame[1], frame[2])
 
     pumping = asyncio.create_task(pump())
     try:

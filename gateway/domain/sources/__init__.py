@@ -1,0 +1,153 @@
+"""Device sources: the formats devices already speak, read by adapters named in `sources.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.domain.sources.base import (
+    Adapter,
+    SourceError,
+    SourceReading,
+    device_id_of,
+    infer_type,
+    topic_matches,
+)
+from gateway.domain.sources.homeassistant import Discovered, HomeAssistant
+from gateway.domain.sources.shelly import Shelly
+from gateway.domain.sources.tasmota import Tasmota
+from gateway.domain.sources.zigbee2mqtt import Zigbee2Mqtt
+from schemas.documents import parse_document
+
+__all__ = [
+    "Adapter",
+    "Discovered",
+    "HomeAssistant",
+    "SourceError",
+    "SourceReading",
+    "Sources",
+    "SourcesFileError",
+    "device_id_of",
+    "infer_type",
+    "load_sources",
+    "parse_sources",
+]
+
+_TOPIC_LEVELS = r"^[^#+\x00]+$"
+IdPrefix = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{0,32}$")]
+
+
+class _Source(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id_prefix: IdPrefix = ""
+
+
+class Zigbee2MqttSource(_Source):
+    adapter: Literal["zigbee2mqtt"]
+    base_topic: str = Field(default="zigbee2mqtt", pattern=_TOPIC_LEVELS)
+
+
+class TasmotaSource(_Source):
+    adapter: Literal["tasmota"]
+
+
+class ShellySource(_Source):
+    adapter: Literal["shelly"]
+
+
+class HomeAssistantSource(_Source):
+    adapter: Literal["homeassistant"]
+    discovery_prefix: str = Field(default="homeassistant", pattern=_TOPIC_LEVELS)
+
+
+SourceEntry = Annotated[
+    Zigbee2MqttSource | TasmotaSource | ShellySource | HomeAssistantSource,
+    Field(discriminator="adapter"),
+]
+
+
+class SourcesFile(BaseModel):
+    """`sources.yaml`: the sources the bridge reads besides our own envelope."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[SourceEntry] = Field(default_factory=list)
+
+
+class SourcesFileError(ValueError):
+    """A sources file that cannot be used, with a one-line reason."""
+
+
+class Sources:
+    """The configured adapters, and which of them a topic belongs to."""
+
+    def __init__(self, entries: list[SourceEntry] | None = None) -> None:
+        self.adapters: list[Adapter] = []
+        self.homeassistant: HomeAssistant | None = None
+        discovery: list[HomeAssistantSource] = []
+        for entry in entries or []:
+            if isinstance(entry, Zigbee2MqttSource):
+                self.adapters.append(Zigbee2Mqtt(entry.base_topic, entry.id_prefix))
+            elif isinstance(entry, TasmotaSource):
+                self.adapters.append(Tasmota(entry.id_prefix))
+            elif isinstance(entry, ShellySource):
+                self.adapters.append(Shelly(entry.id_prefix))
+            else:
+                discovery.append(entry)
+        if len(discovery) > 1:
+            raise SourcesFileError("at most one homeassistant source")
+        if discovery:
+            taken = tuple(f for adapter in self.adapters for f in adapter.filters)
+            entry = discovery[0]
+            self.homeassistant = HomeAssistant(entry.discovery_prefix, entry.id_prefix, taken)
+            self.adapters.append(self.homeassistant)
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise SourcesFileError("each adapter may be listed once")
+
+    def __bool__(self) -> bool:
+        return bool(self.adapters)
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The static filters to subscribe to (Home Assistant's state topics are learned)."""
+        return tuple(f for a in self.adapters if a is not self.homeassistant for f in a.filters)
+
+    def claims(self, topic: str) -> bool:
+        """Whether a source subscribes to `topic` (it may still be no device's reading, like
+        Zigbee2MQTT's `bridge/...` topics)."""
+        return any(topic_matches(f, topic) for adapter in self.adapters for f in adapter.filters)
+
+    def route(self, topic: str) -> tuple[Adapter, str] | None:
+        """The adapter that reads `topic` and the device it is about, if any does."""
+        for adapter in self.adapters:
+            device_id = adapter.device_of(topic)
+            if device_id is not None:
+                return adapter, device_id
+        return None
+
+
+def parse_sources(text: str, origin: str = "sources.yaml") -> Sources:
+    """The sources of a sources file's text; SourcesFileError with the first problem."""
+    try:
+        parsed = parse_document(text, SourcesFile, origin, "sources")
+    except ValueError as exc:
+        raise SourcesFileError(str(exc)) from None
+    try:
+        return Sources(parsed.sources)
+    except SourcesFileError as exc:
+        raise SourcesFileError(f"{origin}: {exc}") from None
+
+
+def load_sources(path: Path) -> Sources:
+    """The sources of the file at `path`; none (our envelope only) if there is no file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Sources()
+    except OSError as exc:
+        raise SourcesFileError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_sources(text, str(path))

@@ -1,0 +1,157 @@
+"""The device sources' adapters on real messages from each project's documentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.sources import (
+    Sources,
+    SourcesFileError,
+    device_id_of,
+    infer_type,
+    parse_sources,
+)
+from gateway.domain.sources.base import topic_matches
+from gateway.domain.validation import Accepted, ReadingValidator, Rejected
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+from gateway.topics import MQTT_TELEMETRY_FILTER
+from tests.sources import SOURCES, Case, Fixture, load_fixture
+
+pytestmark = pytest.mark.unit
+
+RECEIVED_AT = 1_795_680_000_000
+FIXTURES = {source: load_fixture(source) for source in SOURCES}
+CASES = [
+    pytest.param(FIXTURES[source], case, id=f"{source}-{case.kind}-{n}")
+    for source in SOURCES
+    for n, case in enumerate(FIXTURES[source].cases)
+]
+
+
+def judge(fixture: Fixture, case: Case) -> tuple[list[Accepted | Rejected], ReadingValidator]:
+    """The outcomes of one fixture message, every device of the fixture registered."""
+    registry = {d.device_id: d for d in fixture.devices(fixture.sources())}
+    sources = fixture.sources()
+    if case.config is not None:
+        assert sources.homeassistant is not None
+        sources.homeassistant.learn(*case.config)
+        if "removal_payload_text" in case.entry:
+            sources.homeassistant.learn(case.config[0], case.entry["removal_payload_text"].encode())
+    route = sources.route(case.topic)
+    device_id = case.device_id or (route[1] if route else None)
+    if device_id in registry:  # as this case registers it
+        registry[device_id] = registry[device_id].model_copy(
+            update={"type": case.entry["type"], "tz": case.entry.get("tz")}
+        )
+    validator = ReadingValidator(
+        registry.get,
+        require_registration=True,
+        max_age_ms=100 * 365 * 24 * 3600 * 1000,  # the docs' examples are years old
+        limiter=RateLimiter(1.0, 1000),
+        sources=sources,
+        clock=lambda: 0.0,
+    )
+    if not subscribed(sources, case.topic):
+        return [], validator  # the broker would not send it
+    expected = case.entry.get("expected") or {}
+    received_at = max(RECEIVED_AT, (expected.get("ts") or 0) + 1000)
+    return validator.process(case.topic, case.payload, received_at), validator
+
+
+def subscribed(sources: Sources, topic: str) -> bool:
+    """Whether the bridge subscribes to `topic` (our envelope's, a source's, a learned one)."""
+    learned = sources.homeassistant.filters if sources.homeassistant else ()
+    filters = (MQTT_TELEMETRY_FILTER, *sources.filters, *learned)
+    return any(topic_matches(f, topic) for f in filters)
+
+
+@pytest.mark.parametrize(("fixture", "case"), CASES)
+def test_documented_message_gives_its_canonical_reading(fixture: Fixture, case: Case) -> None:
+    """Each documented message gives the reading, nothing, or the dead letter its fixture says."""
+    outcomes, validator = judge(fixture, case)
+    if case.kind == "no_reading" and "also_configured" in case.entry:
+        # Zigbee2MQTT's own discovery config: its state is read once, by that source.
+        assert [type(o) for o in outcomes] == [Accepted], case.entry["why"]
+        return
+    if case.kind == "no_reading":
+        assert outcomes == [], case.entry["why"]
+        return
+    if case.kind == "malformed":
+        assert [type(o) for o in outcomes] == [Rejected], case.entry["why"]
+        assert isinstance(outcomes[0], Rejected)
+        assert outcomes[0].reason == case.entry["reason"], outcomes[0].detail
+        return
+    expected = case.entry["expected"]
+    [accepted] = outcomes
+    assert isinstance(accepted, Accepted), accepted
+    record = json.loads(accepted.value)
+    assert record["device_id"] == expected["device_id"]
+    assert record["type"] == case.entry["type"]
+    assert record["metrics"] == expected["metrics"]
+    assert accepted.device_time == (expected["ts_source"] == "device")
+    if expected["ts"] is not None:
+        assert record["ts"] == expected["ts"]
+    ignored = {name for (source, name) in validator.ignored}
+    assert ignored == set(case.entry["ignored"])
+    route = fixture.sources().route(case.topic)
+    if fixture.source != "homeassistant":
+        assert route is not None
+        decoded = route[0].decode(case.topic, case.payload)
+        assert infer_type(decoded[0].metrics) == expected["inferred_type"]
+
+
+def test_inference_prefers_the_telling_metric() -> None:
+    """A battery sensor's voltage does not make it a plug; a TRV is a thermostat."""
+    assert infer_type({"battery_pct", "voltage_v", "temperature_c"}) == "climate"
+    assert infer_type({"battery_pct", "voltage_v"}) is None
+    assert infer_type({"temperature_c", "setpoint_c"}) == "thermostat"
+    assert infer_type({"on", "voltage_v"}) == "smart_plug"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sources: [{adapter: zigbee}]", "sources.0: Input tag 'zigbee' found using 'adapter'"),
+        ("sources: [{adapter: tasmota, base_topic: x}]", "sources.0.tasmota.base_topic: Extra"),
+        ("sources: [{adapter: zigbee2mqtt, base_topic: 'a/#'}]", "base_topic: String should"),
+        ("sources: [{adapter: shelly, id_prefix: 'a b'}]", "id_prefix: String should match"),
+        ("sources: [{adapter: shelly}, {adapter: shelly}]", "each adapter may be listed once"),
+        ("- adapter: shelly", "file: must be a mapping with a `sources:` list"),
+        ("sources: [", "not YAML (line 1)"),
+    ],
+)
+def test_a_bad_sources_file_is_one_line_naming_the_place(text: str, message: str) -> None:
+    """Every mistake in sources.yaml stops the bridge with one line saying where."""
+    with pytest.raises(SourcesFileError) as caught:
+        parse_sources(text, "sources.yaml")
+    assert str(caught.value).startswith("sources.yaml: ")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_settings_read_the_sources_file_or_none(tmp_path: Path) -> None:
+    """No sources file means our envelope only; a bad one is a ConfigError naming the variable."""
+    assert not Settings(sources_file=tmp_path / "absent.yaml").sources()
+    bad = tmp_path / "sources.yaml"
+    bad.write_text("sources: [{adapter: lora}]")
+    with pytest.raises(ConfigError, match=r"^IOTGW_SOURCES_FILE: .*sources\.yaml: sources\.0"):
+        Settings(sources_file=bad).sources()
+    bad.write_text("sources: [{adapter: zigbee2mqtt, base_topic: z}, {adapter: homeassistant}]")
+    sources = Settings(sources_file=bad).sources()
+    assert sources.filters == ("z/#",)
+    assert sources.homeassistant is not None
+    assert sources.homeassistant.config_filters == (
+        "homeassistant/+/+/config", "homeassistant/+/+/+/config"
+    )  # fmt: skip
+
+
+def test_a_device_id_is_the_native_one_made_safe() -> None:
+    """Characters outside [A-Za-z0-9_-] become `_`, after the prefix, cut to 64."""
+    assert device_id_of("living room/climate", "z2m-") == "z2m-living_room_climate"
+    assert device_id_of("x" * 80) == "x" * 64
+    assert device_id_of("Küche") == "K_che"
