@@ -14,7 +14,7 @@ import yaml
 from devstack import stack
 from devstack.installer import ensure_debian_packages
 from gateway.adapters.mosquitto_auth import GATEWAY_USER
-from gateway.settings import parse_mqtt_url
+from gateway.settings import Settings, parse_mqtt_url
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +102,30 @@ def test_only_secure_mqtt_and_grafana_are_published(compose_command: list[str]) 
         for port in service.get("ports", [])
     }
     assert published == {("mosquitto", 8883), ("grafana", 3000)}
+
+
+def test_services_read_the_sources_and_types_files_shipped_with_compose(
+    compose_command: list[str],
+) -> None:
+    """The bridge, writer, rules engine and admin read compose/iotgw/sources.yaml and
+    types.yaml (mounted read-only); the shipped files are valid: the envelope only, the
+    built-in types."""
+    services = config(compose_command, "--profile", "admin")["services"]
+    for name in ("bridge", "writer", "rules", "admin"):
+        environment = services[name]["environment"]
+        # Debian's docker-compose prints the short form, source:target[:mode].
+        mounts = {v.split(":")[1]: v.split(":")[2:] for v in services[name]["volumes"]}
+        for variable, target in (
+            ("IOTGW_SOURCES_FILE", "/etc/iotgw/sources.yaml"),
+            ("IOTGW_TYPES_FILE", "/etc/iotgw/types.yaml"),
+        ):
+            assert environment[variable] == target
+            assert mounts[target] == ["ro"], (name, target)
+    settings = Settings(
+        sources_file=COMPOSE / "iotgw" / "sources.yaml", types_file=COMPOSE / "iotgw" / "types.yaml"
+    )
+    assert not settings.sources()
+    assert settings.catalogue().user_types == []
 
 
 def test_iotgw_services_log_in_on_tls_and_one_bridge_keeps_the_order(
