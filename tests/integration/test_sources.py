@@ -87,7 +87,7 @@ async def test_each_format_arrives_with_units_types_time_and_ts_source(
     local = datetime.now(BERLIN).strftime("%Y-%m-%dT%H:%M:%S")
     before = now_ms()
     async with (
-        running_bridge(s),
+        running_bridge(s) as bridge,
         TopicReader(s, Topics(s.topic_prefix).readings) as readings,
     ):
         async with DevicePublisher(s.mqtt.host, s.mqtt.port) as publisher:
@@ -114,6 +114,14 @@ async def test_each_format_arrives_with_units_types_time_and_ts_source(
                 ).encode(),
             )  # fmt: skip
         await readings.wait_for(3)
+        metrics = bridge.metrics
+        await until(lambda: metrics.source_readings.labels("shelly")._value.get() == 1, 5, "counts")
+        assert metrics.source_readings.labels("zigbee2mqtt")._value.get() == 1
+        assert metrics.source_readings.labels("tasmota")._value.get() == 1
+        for source, field in (
+            ("zigbee2mqtt", "linkquality"), ("zigbee2mqtt", "voltage"), ("tasmota", "ENERGY.Factor")
+        ):  # fmt: skip
+            assert metrics.ignored_fields.labels(source, field)._value.get() == 1, field
     after = now_ms()
     by_device = {json.loads(r.value)["device_id"]: r for r in readings.records}
     first = json.loads(by_device[climate].value)

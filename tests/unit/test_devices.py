@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from gateway.cli.app import app
 from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
 from schemas import Device, DeviceType
+from schemas.types import parse_types
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +116,39 @@ def test_register_refuses_bad_input_with_exit_2_before_any_connection() -> None:
         assert len(result.stderr.strip().splitlines()) == 1
     assert "invalid device id" in bad_id.stderr
     assert "unknown device type 'kettle'" in bad_type.stderr
+
+
+def test_a_time_zone_is_an_iana_name_or_refused_in_one_line() -> None:
+    """`--tz` takes an IANA zone (for devices that send local time); anything else is one line."""
+    device = build_device("plug-1", "smart_plug", registered_at=0, tz="Europe/Berlin")
+    assert device.tz == "Europe/Berlin"
+    with pytest.raises(DeviceInputError, match=r"^unknown time zone 'CEST': use an IANA name"):
+        build_device("plug-1", "smart_plug", registered_at=0, tz="CEST")
+
+
+def test_csv_rows_take_their_tz_or_the_import_default() -> None:
+    """A row's tz wins; rows without one get `--tz`; a bad one is that row's error."""
+    text = (
+        "device_id,type,tz\n"
+        "pow1,smart_plug,America/New_York\n"
+        "pow2,smart_plug,\n"
+        "pow3,smart_plug,Mars/Base\n"
+    )
+    parsed = parse_devices_csv(text, registered_at=0, default_tz="Europe/Berlin")
+    assert [(d.device_id, d.tz) for d in parsed.devices] == [
+        ("pow1", "America/New_York"), ("pow2", "Europe/Berlin")
+    ]  # fmt: skip
+    assert parsed.errors == [
+        "line 4: unknown time zone 'Mars/Base': use an IANA name like Europe/Berlin"
+    ]
+
+
+def test_a_type_of_the_types_file_can_be_registered() -> None:
+    """Registration checks the type against the catalogue: the built-in climate, the user's."""
+    catalogue = parse_types("types: [{name: soil_probe, metrics: [{name: leak, kind: bool}]}]")
+    assert build_device("probe-1", "soil_probe", registered_at=0, catalogue=catalogue).type == (
+        "soil_probe"
+    )
+    assert build_device("climate-1", "climate", registered_at=0).type == "climate"
+    with pytest.raises(DeviceInputError, match="soil_probe"):
+        build_device("probe-1", "soil_probe", registered_at=0)
