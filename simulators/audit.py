@@ -18,10 +18,12 @@ from gateway.adapters.kafka import read_topic
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
-from schemas import DeviceType
-from simulators.fleet import FAULTS
+from simulators.fleet import FAULTS, digest
+from simulators.formats import Format
 
-Key = tuple[str, int]
+# How the audit finds a reading: (device id, "seq", its seq) for our envelope, (device id,
+# "ts", its device time in epoch ms) for the formats without seq (unique per device).
+Key = tuple[str, str, int]
 # Kafka's record time is the bridge's, a little after the device's: read from a minute before.
 _SLACK_MS = 60_000
 
@@ -49,6 +51,41 @@ class AuditReport:
         return asdict(self)
 
 
+def entry_key(entry: dict[str, Any]) -> Key | None:
+    """The key of a log entry's reading (None: a time that is no epoch ms, a fault's)."""
+    if entry["format"] == Format.ENVELOPE:
+        return (entry["device_id"], "seq", entry["seq"])
+    ts = entry["ts"]
+    return (entry["device_id"], "ts", ts) if isinstance(ts, int) else None
+
+
+def reading_key(value: bytes) -> Key | None:
+    """The key of a canonical reading of `iot.readings`: by `seq` when it has one (our
+    envelope), else by its device time."""
+    try:
+        document = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("device_id"), str):
+        return None
+    if isinstance(document.get("seq"), int):
+        return (document["device_id"], "seq", document["seq"])
+    if isinstance(document.get("ts"), int):
+        return (document["device_id"], "ts", document["ts"])
+    return None
+
+
+def _envelope_key(value: bytes, device_id: str) -> Key | None:
+    """The key of one envelope reading's bytes (a batch's dead letters are one a reading)."""
+    try:
+        document = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("seq"), int):
+        return None
+    return (device_id, "seq", document["seq"])
+
+
 @dataclass
 class SendLog:
     """A simulation's log: one entry per reading sent."""
@@ -65,7 +102,11 @@ class SendLog:
         for number, line in enumerate(lines, 1):
             try:
                 entry = json.loads(line)
-                entries.append({k: entry[k] for k in ("device_id", "seq", "ts", "fault")})
+                kept = {k: entry[k] for k in ("device_id", "seq", "ts", "fault")}
+                # Logs written before the other formats: envelope readings, no digest.
+                kept["format"] = Format(entry.get("format", Format.ENVELOPE))
+                kept["digest"] = str(entry.get("digest", ""))
+                entries.append(kept)
             except (ValueError, KeyError, TypeError):
                 raise IotgwError(f"{path}: line {number} is not a log entry", exit_code=2) from None
         if not entries:
@@ -74,11 +115,33 @@ class SendLog:
 
     @property
     def valid(self) -> set[Key]:
-        return {(e["device_id"], e["seq"]) for e in self.entries if FAULTS.get(e["fault"]) is None}
+        return {
+            key
+            for e in self.entries
+            if FAULTS.get(e["fault"]) is None and (key := entry_key(e)) is not None
+        }
+
+    @property
+    def by_digest(self) -> dict[str, set[Key]]:
+        """The keys of the valid readings each payload carried, by the payload's digest
+        (a valid reading may still be a dead letter: over a device's rate limit)."""
+        found: dict[str, set[Key]] = {}
+        for entry in self.entries:
+            key = entry_key(entry)
+            if entry["digest"] and key is not None and FAULTS.get(entry["fault"]) is None:
+                found.setdefault(entry["digest"], set()).add(key)
+        return found
 
     @property
     def devices(self) -> set[str]:
         return {e["device_id"] for e in self.entries}
+
+    def devices_keyed_by(self, kind: str) -> set[str]:
+        """The devices whose readings the audit finds by `seq`, or by `ts`."""
+        envelope = kind == "seq"
+        return {
+            e["device_id"] for e in self.entries if (e["format"] == Format.ENVELOPE) == envelope
+        }
 
     @property
     def window_ms(self) -> tuple[int, int]:
@@ -98,34 +161,47 @@ async def read_since(
     return [r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)]]
 
 
-def _key_of(value: bytes, device_id: str | None) -> Key | None:
-    try:
-        document = json.loads(value)
-    except ValueError:
-        return None
-    if not isinstance(document, dict) or not isinstance(document.get("seq"), int):
-        return None
-    return (document.get("device_id") or device_id or "", document["seq"])
+def _points(results: list[Any]) -> list[dict[str, Any]]:
+    """The points of InfluxQL results, each a dict of its columns."""
+    return [
+        dict(zip(series["columns"], row, strict=True))
+        for result in results
+        for series in result.get("series", [])
+        for row in series.get("values", [])
+    ]
 
 
 async def _influx_keys(settings: Settings, log: SendLog) -> Counter[Key]:
+    """The points of the log's devices in InfluxDB: an envelope reading's by its `seq`
+    field, another format's by its time (its device time)."""
     first, last = log.window_ms
-    ids = "|".join(re.escape(d) for d in sorted(log.devices))
-    types = "|".join(t.value for t in DeviceType)
-    query = (
-        f'SELECT "seq", "device_id" FROM /^({types})$/ WHERE time >= {first - _SLACK_MS}ms '
-        f'AND time <= {last + _SLACK_MS}ms AND "device_id" =~ /^({ids})$/'
-    )
+    types = "|".join(settings.catalogue().names)
+    window = f"time >= {first - _SLACK_MS}ms AND time <= {last + _SLACK_MS}ms"
+    found: Counter[Key] = Counter()
     async with InfluxClient(
         str(settings.influx_url), timeout_s=60, auth=settings.influx_auth
     ) as influx:
-        try:
-            found = await influx.rows(query, db=settings.influx_db)
-        except IotgwError as exc:
-            if "database not found" in str(exc):
-                return Counter()
-            raise
-    return Counter((row[2], int(row[1])) for row in found if row[1] is not None)
+        for kind in ("seq", "ts"):
+            devices = log.devices_keyed_by(kind)
+            if not devices:
+                continue
+            ids = "|".join(re.escape(d) for d in sorted(devices))
+            # Readings without seq have no field every point holds: all of them.
+            fields = '"seq", "device_id"' if kind == "seq" else "*"
+            query = (
+                f'SELECT {fields} FROM /^({types})$/ WHERE {window} AND "device_id" =~ /^({ids})$/'
+            )
+            try:
+                points = _points(await influx.query(query, db=settings.influx_db))
+            except IotgwError as exc:
+                if "database not found" in str(exc):
+                    return Counter()
+                raise
+            for point in points:
+                value = point.get(kind) if kind == "seq" else point["time"]
+                if value is not None:
+                    found[(point["device_id"], kind, int(value))] += 1
+    return found
 
 
 async def audit(settings: Settings, log: SendLog) -> AuditReport:
@@ -139,20 +215,24 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
     devices = log.devices
     in_kafka: Counter[Key] = Counter()
     for record in readings:
-        key = _key_of(record.value, None)
+        key = reading_key(record.value)
         if key is not None and key[0] in devices:
             in_kafka[key] += 1
     in_dlq: set[Key] = set()
     rejected: Counter[str] = Counter()
+    by_digest = log.by_digest
     for record in dead:
         device_id = record.key.decode(errors="replace") if record.key else None
-        if device_id not in devices:
+        if device_id is None or device_id not in devices:
             continue
         reason = dict(record.headers).get("error", b"?").decode()
         rejected[reason] += 1
-        key = _key_of(record.value, device_id)
-        if key is not None:
-            in_dlq.add((device_id or key[0], key[1]))
+        # A dead letter holds the payload's bytes (a batch's: each reading's own).
+        carried = by_digest.get(digest(record.value))
+        if carried:
+            in_dlq.update(carried)
+        elif (key := _envelope_key(record.value, device_id)) is not None:
+            in_dlq.add(key)
     valid = log.valid
     lost = sorted(valid - set(in_kafka) - in_dlq)
     influx = await _influx_keys(settings, log)
@@ -176,7 +256,7 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
         duplicates_in_influx=sum(n - 1 for key, n in influx.items() if key in valid),
         rejected=dict(sorted(rejected.items())),
         expected_rejected=dict(sorted(expected.items())),
-        lost_examples=[f"{d}#{s}" for d, s in lost[:10]],
+        lost_examples=[f"{d}{'#' if kind == 'seq' else '@'}{n}" for d, kind, n in lost[:10]],
     )
 
 

@@ -2,10 +2,12 @@
 
     python -m simulators.demo --devices 50 --duration 60
 
-Expects the local stack (`iotgw stack up`). Registers the fleet, runs the bridge and the
-writer (`iotgw run all`) as a child process, plays the fleet with a few faults, audits
-that nothing valid was lost, prints what to look at next, and stops the services. The
-stack keeps running (stop it with `make stack-down`).
+Expects the local stack (`iotgw stack up`). Registers the fleet, a home of Zigbee2MQTT
+sensors, Tasmota and Shelly plugs and sensors and our own envelope devices; runs the
+bridge (reading the sources of demo-sources.yaml) and the writer (`iotgw run all`) as a
+child process, plays the fleet with a few faults, audits that nothing valid was lost,
+prints what to look at next, and stops the services. The stack keeps running (stop it
+with `make stack-down`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from simulators.processes import ServiceProcess
 from simulators.runner import audit_table, run_simulation
 
 DEMO_RULES = Path(__file__).with_name("demo-rules.yaml")
+# The adapters of the demo's home: its fleet speaks Zigbee2MQTT, Tasmota and Shelly too.
+DEMO_SOURCES = Path(__file__).with_name("demo-sources.yaml")
 
 
 class ServiceFigures:
@@ -77,9 +81,13 @@ class ServiceFigures:
             ("published to Kafka", f"{published:.0f} ({self.rate('published', published):.0f}/s)"),
             ("written to InfluxDB", f"{written:.0f} ({self.rate('written', written):.0f}/s)"),
         ]
+        by_source: dict[str, float] = {}
         for name, labels, value in sorted(samples, key=lambda s: str(s[1])):
             if name == "iotgw_bridge_readings_rejected_total":
                 rows.append((f"  rejected: {labels['reason']}", f"{value:.0f}"))
+            elif name == "iotgw_bridge_source_readings_total":
+                by_source[labels["source"]] = by_source.get(labels["source"], 0) + value
+        rows += [(f"  received from {s}", f"{n:.0f}") for s, n in sorted(by_source.items())]
         return rows
 
 
@@ -88,6 +96,8 @@ async def start_services(settings: Settings, log: Path) -> tuple[ServiceProcess,
     # Short durations, so that a one-minute run fires every kind of rule.
     if "IOTGW_RULES_FILE" not in os.environ:
         settings = settings.model_copy(update={"rules_file": DEMO_RULES})
+    # Always the demo's sources: its fleet is lost to a bridge that does not read them.
+    settings = settings.model_copy(update={"sources_file": DEMO_SOURCES})
     services = ServiceProcess("all", settings, log).start()
     try:
         await services.ready()
@@ -118,13 +128,18 @@ def next_steps(settings: Settings) -> None:
     console.print("\n[bold]What to look at next[/bold]")
     console.print(
         f"""\
-  Readings per device type in the last 10 minutes:
+  Room climate from the Zigbee, Tasmota and Shelly sensors, minute by minute:
     curl -sG {url}/query --data-urlencode db={db} \\
-      --data-urlencode 'q=SELECT count("seq") FROM /.*/ WHERE time > now() - 10m GROUP BY "site"'
-  Thermostats' temperature, minute by minute:
-    curl -sG {url}/query --data-urlencode db={db} \\
-      --data-urlencode 'q=SELECT mean("temperature_c") FROM "thermostat"
+      --data-urlencode 'q=SELECT mean("temperature_c"), mean("humidity_pct") FROM "climate"
         WHERE time > now() - 10m GROUP BY time(1m), "device_id"'
+  The plugs' power and energy (Tasmota, Shelly; Shelly's Wh arrive as kWh):
+    curl -sG {url}/query --data-urlencode db={db} \\
+      --data-urlencode 'q=SELECT last("power_w"), last("energy_kwh") FROM "smart_plug"
+        WHERE time > now() - 10m GROUP BY "device_id"'
+  Readings of the envelope's thermostats, by site (they carry a seq):
+    curl -sG {url}/query --data-urlencode db={db} \\
+      --data-urlencode 'q=SELECT count("seq") FROM "thermostat" WHERE time > now() - 10m
+        GROUP BY "site"'
   Rejected readings by reason:
     curl -sG {url}/query --data-urlencode db={db} \\
       --data-urlencode 'q=SELECT count("bytes") FROM "rejected" GROUP BY "reason"'
@@ -148,16 +163,22 @@ async def demo(devices: int, duration: float, rate: float) -> int:
     sent_log = DEFAULT_STACK_DIR / "demo-readings.jsonl"
     started_ms = now_ms()
     try:
-        say(f"{devices} devices, {rate:g} readings/s for {duration:g} s, faults: {DEMO_FAULTS}")
+        say(
+            f"a home of {devices} devices (Zigbee2MQTT sensors, Tasmota and Shelly plugs and "
+            f"sensors, envelope devices; bridge sources: {DEMO_SOURCES.name}), "
+            f"{rate:g} readings/s for {duration:g} s, faults: {DEMO_FAULTS}"
+        )
         stats = await run_simulation(
             settings, devices=devices, rate=rate, duration=duration, qos=1,
-            faults=parse_faults(DEMO_FAULTS), register=True, log=sent_log, seed=1,
-            extra=figures.rows,
+            faults=parse_faults(DEMO_FAULTS, "mixed"), register=True, log=sent_log, seed=1,
+            extra=figures.rows, fleet_format="mixed",
         )  # fmt: skip
         say("auditing: every valid reading must be in iot.readings, and in InfluxDB")
         report = await audit_until_settled(settings, SendLog.read(sent_log), 60)
         summary = Table("", "", title="iotgw demo", show_header=False)
         summary.add_row("readings sent", f"{stats.readings} in {stats.seconds:.0f} s")
+        for fmt, count in sorted(stats.formats.items()):
+            summary.add_row(f"  as {fmt}", str(count))
         for label, value in figures.rows():
             summary.add_row(label, value.split(" (")[0])
         console.print(summary)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from schemas import DeviceType
+from schemas.types import TypeCatalogue, TypeSpec
 
 
 def _hour(now: float) -> float:
@@ -46,7 +47,7 @@ def occupancy(now: float) -> float:
 class DeviceModel(ABC):
     """One device's signal generator."""
 
-    type: DeviceType
+    type: str
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -189,6 +190,88 @@ class SmartPlug(DeviceModel):
         }
 
 
-MODELS: dict[DeviceType, type[DeviceModel]] = {
-    model.type: model for model in (Thermostat, AirQuality, Motion, Contact, SmartPlug)
+class Climate(DeviceModel):
+    """A battery room sensor: temperature follows the day and the heating of the house,
+    humidity moves against it (and jumps when someone showers or cooks), air pressure
+    drifts slowly with the weather; the battery drains slowly."""
+
+    type = DeviceType.CLIMATE
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(rng)
+        self.temperature = rng.uniform(18, 22)
+        self.pressure = rng.uniform(995, 1030)
+        self.damp = 0.0
+        self.battery = rng.uniform(50, 100)
+
+    def step(self, now: float, dt: float) -> dict[str, Any]:
+        target = 20.5 + 1.5 * daylight(now) - (1.5 if _hour(now) < 6 else 0.0)
+        pull = min(1.0, 0.001 * dt)
+        self.temperature += (target - self.temperature) * pull + self.rng.gauss(0, 0.02)
+        self.temperature = _clamp(self.temperature, -40, 85)
+        if self.rng.random() < 1 - math.exp(-occupancy(now) * dt / 3600):
+            self.damp = 25.0  # a shower or a pot on the stove
+        self.damp *= math.exp(-dt / 900)
+        humidity = 50 - 1.5 * (self.temperature - 20) + self.damp + self.rng.gauss(0, 0.5)
+        # Weather: a random walk pulled back toward the standard atmosphere.
+        drift = (1013.25 - self.pressure) * min(1.0, 0.00001 * dt)
+        self.pressure = _clamp(
+            self.pressure + drift + self.rng.gauss(0, 0.002 * math.sqrt(dt)), 950, 1060
+        )
+        self.battery = _clamp(self.battery - 0.00001 * dt, 0, 100)
+        return {
+            "temperature_c": round(self.temperature, 2),
+            "humidity_pct": round(_clamp(humidity, 0, 100), 2),
+            "pressure_hpa": round(self.pressure, 1),
+            "battery_pct": round(self.battery, 2),
+        }
+
+
+MODELS: dict[str, type[DeviceModel]] = {
+    model.type: model for model in (Thermostat, AirQuality, Motion, Contact, SmartPlug, Climate)
 }
+
+
+class Generic(DeviceModel):
+    """A type of the types file: each number wanders inside its range (a day's swing plus
+    noise), each bool flips now and then; an int is the rounded number."""
+
+    # Where a number without a range wanders: 0 and up, like most counters and levels.
+    _DEFAULT_SPAN = 100.0
+
+    def __init__(self, rng: random.Random, spec: TypeSpec) -> None:
+        super().__init__(rng)
+        self.type = spec.name
+        self.spec = spec
+        self.level = {m.name: rng.random() for m in spec.metrics if m.kind != "bool"}
+        self.state = {m.name: rng.random() < 0.5 for m in spec.metrics if m.kind == "bool"}
+
+    def step(self, now: float, dt: float) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for metric in self.spec.metrics:
+            if metric.kind == "bool":
+                if self.rng.random() < min(1.0, dt / 600):
+                    self.state[metric.name] = not self.state[metric.name]
+                metrics[metric.name] = self.state[metric.name]
+                continue
+            low = metric.low if metric.low is not None else 0.0
+            high = metric.high if metric.high is not None else low + self._DEFAULT_SPAN
+            drift = self.rng.gauss(0, 0.02) * math.sqrt(max(dt, 0.001) / 10)
+            self.level[metric.name] = _clamp(self.level[metric.name] + drift, 0.0, 1.0)
+            swing = 0.1 * math.sin(2 * math.pi * now / 86_400)
+            value = low + (high - low) * _clamp(self.level[metric.name] + swing, 0.0, 1.0)
+            metrics[metric.name] = round(value) if metric.kind == "int" else round(value, 2)
+        return metrics
+
+
+def model_for(device_type: str, rng: random.Random, catalogue: TypeCatalogue) -> DeviceModel:
+    """The signal model of a device type: a built-in type's own, a user type's generic."""
+    model = MODELS.get(device_type)
+    if model is not None:
+        return model(rng)
+    spec = catalogue.get(device_type)
+    if spec is None:
+        raise ValueError(
+            f"unknown device type {device_type!r}: use one of {', '.join(catalogue.names)}"
+        )
+    return Generic(rng, spec)

@@ -25,6 +25,9 @@ def progress_table(stats: SimulationStats, extra: ExtraRows | None = None) -> Ta
     seconds = max(stats.seconds, 0.001)
     table.add_row("elapsed", f"{stats.seconds:.0f} s")
     table.add_row("readings sent", f"{stats.readings} ({stats.readings / seconds:.0f}/s)")
+    if len(stats.formats) > 1:
+        for fmt, count in sorted(stats.formats.items()):
+            table.add_row(f"  as {fmt}", str(count))
     for fault, count in sorted(stats.faults.items()):
         table.add_row(f"  with fault {fault}", str(count))
     for label, value in extra() if extra else []:
@@ -45,9 +48,20 @@ async def run_simulation(
     seed: int,
     batch_size: int = 1,
     extra: ExtraRows | None = None,
+    fleet_format: str = "envelope",
+    base_topic: str = "zigbee2mqtt",
+    types: list[str] | None = None,
 ) -> SimulationStats:
-    """Build the fleet, register it if asked, and run it with live progress on a terminal."""
-    fleet = build_fleet(devices, seed)
+    """Build the fleet (its devices speaking `fleet_format`, see simulators.fleet), register
+    it if asked, and run it with live progress on a terminal."""
+    fleet = build_fleet(
+        devices,
+        seed,
+        fleet_format,
+        base_topic=base_topic,
+        types=types,
+        catalogue=settings.catalogue(),
+    )
     if register:
         async with RegistryWriter(settings) as writer:
             await writer.put(*(device.record() for device in fleet))

@@ -31,11 +31,15 @@ class SimulationStats:
     messages: int = 0
     readings: int = 0
     faults: Counter[str] = field(default_factory=Counter)
+    # Readings by the format the device sent them in (envelope, zigbee2mqtt, ...).
+    formats: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
 
     @property
     def seconds(self) -> float:
-        return time.monotonic() - self.started
+        """How long it has been sending (once it is over: how long it sent)."""
+        return (self.finished or time.monotonic()) - self.started
 
 
 # How long the broker keeps a simulated device's session while it is away.
@@ -151,6 +155,7 @@ async def simulate(
                     stats.messages += 1
                     for sent in message.readings:
                         stats.readings += 1
+                        stats.formats[sent.format.value] += 1
                         if sent.fault:
                             stats.faults[sent.fault] += 1
                         if log is not None:
@@ -160,6 +165,7 @@ async def simulate(
             await asyncio.sleep(_TICK_S)
     finally:
         closed = await asyncio.gather(*(c.close(60) for c in connections), return_exceptions=True)
+    stats.finished = time.monotonic()
     if any(isinstance(outcome, BaseException) for outcome in closed):
         raise IotgwError("the broker did not acknowledge every reading within 60 s")
     if on_progress is not None:

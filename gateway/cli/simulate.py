@@ -13,13 +13,30 @@ from gateway.cli.terminal import console
 from gateway.errors import IotgwError
 from gateway.settings import load_settings
 from simulators.audit import SendLog, audit_until_settled
-from simulators.fleet import parse_faults
+from simulators.fleet import ENVELOPE_ONLY_FAULTS, FleetFormat, check_types, parse_faults
+from simulators.formats import is_base_topic
 from simulators.runner import audit_table, run_simulation
 
 __all__ = ["simulate_app"]
 
 # Its commands are top-level ones: `iotgw simulate`, `iotgw audit`.
 simulate_app = typer.Typer()
+
+_FAULTS_HELP = (
+    "Fault rates per reading, e.g. malformed=0.01,duplicate=0.02. In every format: "
+    "malformed (cut JSON), schema (a value out of range), unknown_device, "
+    "clock_skew (the device clock an hour ahead), oversize, duplicate, out_of_order, burst, "
+    f"offline; envelope devices only: {', '.join(sorted(ENVELOPE_ONLY_FAULTS))}."
+)
+_FORMAT_HELP = (
+    "What the devices publish: envelope (ours, devices/ID/telemetry, every type); "
+    "zigbee2mqtt (BASE_TOPIC/FRIENDLY_NAME state with last_seen, every type); tasmota "
+    "(tele/TOPIC/SENSOR and STATE, plugs and climate sensors, at most one reading a second "
+    "each); shelly (Gen2 ID/events/rpc NotifyStatus, plugs and climate sensors); mixed (a "
+    "home: Zigbee sensors, Tasmota and Shelly plugs, envelope devices). The bridge reads "
+    "the formats other than envelope when its sources file lists their adapters (see "
+    "simulators/demo-sources.yaml)."
+)
 
 
 @simulate_app.command("simulate")
@@ -30,18 +47,36 @@ def simulate_command(
     ] = 50.0,
     duration: Annotated[float, typer.Option(min=0.1, max=86_400, help="Seconds to run.")] = 60.0,
     qos: Annotated[int, typer.Option(min=0, max=1, help="MQTT QoS of the readings.")] = 1,
-    faults: Annotated[
-        str, typer.Option(help="Fault rates per reading, e.g. malformed=0.01,duplicate=0.02.")
-    ] = "",
+    faults: Annotated[str, typer.Option(help=_FAULTS_HELP)] = "",
     register: Annotated[bool, typer.Option(help="Register the fleet first.")] = False,
     log: Annotated[Path | None, typer.Option(help="Write one JSON line per reading sent.")] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same fleet and signals.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, max=100, help="Readings per message.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=100, help="Readings per message (envelope devices).")
+    ] = 1,
+    fleet_format: Annotated[
+        FleetFormat, typer.Option("--format", help=_FORMAT_HELP)
+    ] = FleetFormat.ENVELOPE,
+    z2m_base_topic: Annotated[
+        str, typer.Option(help="Zigbee2MQTT's base_topic, for its devices.")
+    ] = "zigbee2mqtt",
+    device_types: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--type",
+            help="A device type the fleet plays, in turn with the others given (repeat it); "
+            "default: every built-in type the format plays. Types of the types file "
+            "(IOTGW_TYPES_FILE) play as our envelope.",
+        ),
+    ] = None,
 ) -> None:
     """Play a fleet of devices against the configured MQTT broker (bounded in time)."""
     settings = load_settings()
+    if not is_base_topic(z2m_base_topic):
+        raise IotgwError("--z2m-base-topic: MQTT topic levels without wildcards", exit_code=2)
     try:
-        fault_rates = parse_faults(faults)
+        fault_rates = parse_faults(faults, fleet_format.value)
+        check_types(device_types, fleet_format.value, settings.catalogue())
     except ValueError as exc:
         raise IotgwError(str(exc), exit_code=2) from None
     stats = asyncio.run(
@@ -56,12 +91,16 @@ def simulate_command(
             log=log,
             seed=seed,
             batch_size=batch_size,
+            fleet_format=fleet_format.value,
+            base_topic=z2m_base_topic,
+            types=device_types,
         )
     )
     faulted = ", ".join(f"{k} {v}" for k, v in sorted(stats.faults.items())) or "none"
+    formats = ", ".join(f"{k} {v}" for k, v in sorted(stats.formats.items())) or "none"
     console.print(
         f"sent {stats.readings} readings in {stats.messages} messages over {stats.seconds:.1f} s "
-        f"({stats.readings / max(stats.seconds, 0.001):.0f}/s); faults: {faulted}",
+        f"({stats.readings / max(stats.seconds, 0.001):.0f}/s); as {formats}; faults: {faulted}",
         highlight=False,
         soft_wrap=True,
     )

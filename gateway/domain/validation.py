@@ -123,6 +123,9 @@ class ReadingValidator:
                 return []  # a source's topic that is no device's reading (bridge state, ...)
         if device_id is None:
             detail = f"topic {topic[:100]!r} is not devices/<device_id>/telemetry with a valid id"
+            if self.sources:
+                # E.g. the state topic of a Home Assistant entity removed a moment ago.
+                detail += " nor a topic a device source reads"
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
         if (too_large := _too_large(payload, size)) is not None:
             return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
@@ -213,6 +216,8 @@ class ReadingValidator:
                 continue
             metrics: dict[str, Any] = {}
             for metric, value in found.metrics.items():
+                if value is None:
+                    continue  # not measured (Shelly sends null for a failed sensor)
                 if metric in spec.metric_names:
                     metrics[metric] = value
                 else:

@@ -1,10 +1,13 @@
-"""A short simulation through the real bridge and writer, its audit, and `make demo`."""
+"""A short simulation through the real bridge and writer, its audit (for a fleet of our
+envelope, and for a mixed fleet of Zigbee2MQTT, Tasmota, Shelly and envelope devices), and
+`make demo`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import Settings
-from simulators.audit import SendLog, audit_until_settled
-from simulators.fleet import FAULTS, parse_faults
+from gateway.topics import Topics
+from simulators.audit import SendLog, audit_until_settled, read_since, reading_key
+from simulators.fleet import ENVELOPE_ONLY_FAULTS, FAULTS, parse_faults
+from simulators.formats import Format
 from simulators.runner import run_simulation
 from tests.conftest import unique
 from tests.support import (
@@ -28,6 +33,10 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_FAULTS = ",".join(f"{kind}=0.01" for kind in FAULTS if kind != "offline")
+# Every fault a device of any format can make.
+SOURCE_FAULTS = ",".join(
+    f"{kind}=0.01" for kind in FAULTS if kind != "offline" and kind not in ENVELOPE_ONLY_FAULTS
+)
 
 
 async def test_simulate_then_audit_finds_nothing_lost(settings: Settings, tmp_path: Path) -> None:
@@ -55,6 +64,58 @@ async def test_simulate_then_audit_finds_nothing_lost(settings: Settings, tmp_pa
     assert set(report.expected_rejected) == {
         "malformed", "schema", "unknown_device", "clock_skew", "too_large",
     }  # fmt: skip
+
+
+async def test_mixed_fleet_through_the_bridge_audits_nothing_lost(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A home of Zigbee2MQTT, Tasmota, Shelly and envelope devices, every fault of those
+    formats switched on, through the live bridge reading its sources file and the writer:
+    the audit finds every valid reading in iot.readings and once in InfluxDB, loses none,
+    and the dead-letter reasons match the faults sent; the readings of the source formats
+    carry their device's time (`ts_source: device`)."""
+    base_topic = unique("z2m")  # its own Zigbee2MQTT base topic: no other test's devices
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(
+        f"sources:\n  - adapter: zigbee2mqtt\n    base_topic: {base_topic}\n"
+        "  - adapter: tasmota\n  - adapter: shelly\n"
+    )
+    s = await own_settings(settings, writer_flush_interval_s=0.2, sources_file=sources)
+    log = tmp_path / "sent.jsonl"
+    try:
+        async with running_bridge(s), running_writer(s):
+            stats = await run_simulation(
+                s, devices=30, rate=300, duration=8, qos=1,
+                faults=parse_faults(SOURCE_FAULTS, "mixed"), register=True, log=log, seed=17,
+                fleet_format="mixed", base_topic=base_topic,
+            )  # fmt: skip
+            report = await audit_until_settled(s, SendLog.read(log), 60)
+    finally:
+        await forget_session(s)
+    assert set(stats.formats) == {f.value for f in Format}
+    assert stats.formats[Format.TASMOTA] > 30  # one a second a device at most
+    assert stats.readings == report.sent > 1000
+    assert report.lost == 0, report.lost_examples
+    assert report.in_kafka == report.valid_sent
+    assert report.in_influx == report.valid_sent
+    assert report.duplicates_in_influx == 0
+    assert report.duplicates == report.duplicates_sent
+    rejected = dict(report.rejected)
+    rejected.pop("rate_limited", None)  # bursts may go over a device's limit: not a fault's
+    assert rejected == report.expected_rejected
+    assert set(report.expected_rejected) == {
+        "malformed", "schema", "unknown_device", "clock_skew", "too_large",
+    }  # fmt: skip
+    sent = SendLog.read(log)
+    by_time = {e["device_id"] for e in sent.entries if e["format"] != Format.ENVELOPE}
+    records = await read_since(s, Topics(s.topic_prefix).readings, sent.window_ms[0] - 60_000)
+    sources_seen = {}
+    for record in records:
+        key = reading_key(record.value)
+        if key is not None and key[0] in by_time:
+            sources_seen[key] = dict(record.headers).get("ts_source")
+    assert len(sources_seen) == len({k for k in sent.valid if k[1] == "ts"})
+    assert set(sources_seen.values()) == {b"device"}
 
 
 def test_audit_command_exits_1_when_a_valid_reading_is_missing(
@@ -91,6 +152,7 @@ def test_make_demo_runs_end_to_end(settings: Settings) -> None:
         asyncio.run(forget_session(s))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered 50 devices" in result.stdout
+    assert {f"as {f.value}" for f in Format} <= set(re.findall(r"as \w+", result.stdout))
     lost_line = next(line for line in result.stdout.splitlines() if "│ lost" in line)
     assert lost_line.split("│")[2].strip() == "0"
     assert "What to look at next" in result.stdout

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.clock import now_ms
 from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.sources import parse_sources
 from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
 from schemas import Device, DeviceType
 from schemas.reading import MAX_PAYLOAD_BYTES, READING
@@ -95,3 +96,81 @@ def test_a_valid_reading_still_passes_beside_the_corpus() -> None:
     good = {"type": "thermostat", "ts": now_ms(), "seq": 1, "metrics": {"temperature_c": 20.0}}
     [outcome] = judge(f"devices/{DEVICE}/telemetry", json.dumps(good).encode())
     assert isinstance(outcome, Accepted)
+
+
+SOURCES = parse_sources(
+    "sources: [{adapter: zigbee2mqtt}, {adapter: tasmota}, {adapter: shelly},"
+    " {adapter: homeassistant}]"
+)
+SOURCE_REGISTRY = {
+    name: Device(device_id=name, type=kind, registered_at=0, tz="Europe/Berlin")
+    for name, kind in (("room", "climate"), ("plug", "smart_plug"), ("ht", "climate"))
+}
+# The discovery config of an entity reading a JSON state, so states are decoded as such.
+assert SOURCES.homeassistant is not None
+SOURCES.homeassistant.learn(
+    "homeassistant/sensor/room/t/config",
+    b'{"dev_cla":"temperature","stat_t":"home/room","val_tpl":"{{ value_json.t }}",'
+    b'"unit_of_meas":"\\u00b0F","dev":{"ids":["room"]}}',
+)
+SOURCE_TOPICS = [
+    "zigbee2mqtt/room", "tele/plug/SENSOR", "tele/plug/STATE", "stat/plug/POWER",
+    "ht/events/rpc", "home/room", "zigbee2mqtt/bridge/state", "zigbee2mqtt/\u00e9/x",
+]  # fmt: skip
+_DOCUMENTS = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+# Objects with the fields the adapters read, holding anything.
+_FIELDS = st.sampled_from([
+    "temperature", "contact", "state", "running_state", "last_seen", "illuminance", "Time",
+    "ENERGY", "AM2301", "TempUnit", "PressureUnit", "POWER", "method", "params", "t",
+])  # fmt: skip
+
+
+@settings(
+    max_examples=3_000, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)  # fmt: skip
+@given(
+    topic=st.sampled_from(SOURCE_TOPICS),
+    payload=st.one_of(
+        st.binary(max_size=200),
+        _DOCUMENTS.map(lambda d: json.dumps(d, allow_nan=True).encode()),
+        st.dictionaries(_FIELDS, _DOCUMENTS, max_size=5).map(
+            lambda d: json.dumps(d, allow_nan=True).encode()
+        ),
+        st.fixed_dictionaries(
+            {"method": st.sampled_from(["NotifyStatus", "NotifyFullStatus"]),
+             "params": st.dictionaries(st.sampled_from(["ts", "switch:0", "temperature:0"]),
+                                       _DOCUMENTS, max_size=3)}
+        ).map(lambda d: json.dumps(d, allow_nan=True).encode()),
+    ),
+)  # fmt: skip
+def test_any_message_of_a_device_source_becomes_readings_dead_letters_or_nothing(
+    topic: str, payload: bytes
+) -> None:
+    """3,000 generated messages on the sources' topics: no exception escapes; each gives
+    valid readings of its device's type, dead letters with a reason, or nothing."""
+    source_validator = ReadingValidator(
+        SOURCE_REGISTRY.get,
+        require_registration=True,
+        max_age_ms=100 * 365 * 24 * 3600 * 1000,
+        limiter=RateLimiter(100.0, 50),
+        clock=lambda: 0.0,
+        sources=SOURCES,
+    )
+    for outcome in source_validator.process(topic, payload, now_ms()):
+        if isinstance(outcome, Accepted):
+            record = json.loads(outcome.value)
+            kind = SOURCE_REGISTRY[record["device_id"]].type
+            READING.validate_python(
+                {"type": kind, "ts": record["ts"], "metrics": record["metrics"]}
+            )
+        else:
+            assert isinstance(outcome, Rejected)
+            assert outcome.reason.value in REASONS
+            assert 0 < len(outcome.detail) <= 300

@@ -93,7 +93,8 @@ class Tasmota:
         else:
             fahrenheit = message.get("TempUnit") == "F"
             # SetOption24 switches pressure to mmHg.
-            pressure_factor = _PRESSURE_UNITS.get(message.get("PressureUnit", "hPa"))
+            unit = message.get("PressureUnit", "hPa")
+            pressure_factor = _PRESSURE_UNITS.get(unit) if isinstance(unit, str) else None
             for key, value in message.items():
                 if key in _META:
                     continue
