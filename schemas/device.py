@@ -35,17 +35,26 @@ Label = Annotated[
 ]
 
 
-def _time_zone(value: str) -> str:
+def check_time_zone(value: str) -> str:
+    """`value` if this host knows the IANA zone; ValueError in one line if not."""
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a zone folder such as "America", or a name too long for a file name.
         raise ValueError(
             f"unknown time zone {value!r}: use an IANA name like Europe/Berlin"
         ) from None
     return value
 
 
-TimeZone = Annotated[str, AfterValidator(_time_zone)]
+# A zone this host knows (settings, registration)...
+TimeZone = Annotated[str, AfterValidator(check_time_zone)]
+# ...and a zone's name in a registry record, which hosts with other tzdata read too (a
+# zone one does not know is read as UTC there, the record kept).
+TimeZoneName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"),
+]
 
 
 def is_device_id(value: str) -> bool:
@@ -63,7 +72,7 @@ class Device(BaseModel):
     site: Label | None = None
     room: Label | None = None
     enabled: bool = True
-    tz: TimeZone | None = Field(
+    tz: TimeZoneName | None = Field(
         default=None, description="IANA time zone of the device's clock (e.g. Europe/Berlin)"
     )
     registered_at: int = Field(ge=0, description="epoch milliseconds of the first registration")

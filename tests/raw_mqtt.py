@@ -37,8 +37,11 @@ def connack(*, session_present: bool = False, code: int = 0) -> bytes:
     return packet(0x20, bytes([int(session_present), code, 0]))
 
 
-def suback(packet_id: int, code: int = 1, filters: int = 1) -> bytes:
-    return packet(0x90, struct.pack("!H", packet_id) + b"\x00" + bytes([code] * filters))
+def suback(
+    packet_id: int, code: int = 1, filters: int = 1, codes: list[int] | None = None
+) -> bytes:
+    answers = bytes(codes) if codes is not None else bytes([code] * filters)
+    return packet(0x90, struct.pack("!H", packet_id) + b"\x00" + answers)
 
 
 def unsuback(packet_id: int, filters: int = 1) -> bytes:
@@ -111,6 +114,8 @@ class ScriptedBroker:
         self.connections: list[Connection] = []
         self.connack_code = 0
         self.suback_code = 1
+        # Filters refused (not authorized) whatever `suback_code` says.
+        self.refuse: set[str] = set()
         self.session_present = False
         # Sent right after the CONNACK, ahead of any SUBACK: a kept session's queue.
         self.backlog = b""
@@ -144,6 +149,9 @@ class ScriptedBroker:
                 await self._arrived.wait()
         return self.connections[number]
 
+    def _codes(self, subscribe: Packet) -> list[int]:
+        return [0x87 if f in self.refuse else self.suback_code for f in subscribe.filters]
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handler = asyncio.current_task()
         assert handler is not None
@@ -162,7 +170,7 @@ class ScriptedBroker:
                 return
             assert subscribe.kind == 8, subscribe
             connection.subscribe = subscribe
-            writer.write(suback(subscribe.packet_id, self.suback_code, len(subscribe.filters)))
+            writer.write(suback(subscribe.packet_id, codes=self._codes(subscribe)))
         self.connections.append(connection)
         self._arrived.set()
         while (received := await read_packet(reader)) is not None:
@@ -173,10 +181,10 @@ class ScriptedBroker:
                 writer.write(b"\xd0\x00")
             elif received.kind == 8 and connection.subscribe is None:
                 connection.subscribe = received
-                writer.write(suback(received.packet_id, self.suback_code, len(received.filters)))
+                writer.write(suback(received.packet_id, codes=self._codes(received)))
             elif received.kind == 8:
                 connection.changes.append(received)
-                writer.write(suback(received.packet_id, self.suback_code, len(received.filters)))
+                writer.write(suback(received.packet_id, codes=self._codes(received)))
             elif received.kind == 10:
                 connection.changes.append(received)
                 writer.write(unsuback(received.packet_id, len(received.filters)))

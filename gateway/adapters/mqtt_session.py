@@ -270,7 +270,11 @@ class MqttSession:
         self._clock = clock
         self._shared = any(f.startswith("$share/") for f in options.subscriptions)
         # The filters the session holds now: the options' and those added at run time.
-        self._filters: list[str] = list(options.subscriptions)
+        # The filters the session holds now, in order (a dict as an ordered set): the
+        # options' (refused: the session ends) and those added at run time (refused: dropped).
+        self._filters: dict[str, None] = dict.fromkeys(options.subscriptions)
+        self._base = frozenset(options.subscriptions)
+        self._refused_filters: set[str] = set()
         # Changed while disconnected: the next connection subscribes to all of them again.
         self._changed_offline = False
         self._removed_offline: set[str] = set()
@@ -356,19 +360,23 @@ class MqttSession:
         return tuple(self._filters)
 
     def subscribe(self, filters: tuple[str, ...] | list[str]) -> None:
-        """Add filters to the session (now if connected, else on the next connection)."""
-        new = [f for f in filters if f not in self._filters]
+        """Add filters to the session (now if connected, else on the next connection). A
+        filter the broker refuses is logged and dropped, not asked for again."""
+        new = [f for f in filters if f not in self._filters and f not in self._refused_filters]
         if not new:
             return
-        self._filters += new
+        self._filters.update(dict.fromkeys(new))
         self._change("subscribe", tuple(new))
 
-    def unsubscribe(self, filters: tuple[str, ...] | list[str]) -> None:
-        """Remove filters from the session: the broker stops sending their messages."""
-        gone = [f for f in filters if f in self._filters]
+    def unsubscribe(self, filters: tuple[str, ...] | list[str], *, known: bool = True) -> None:
+        """Remove filters from the session: the broker stops sending their messages. With
+        `known=False` also filters this process never subscribed to (a kept session may
+        hold an earlier run's)."""
+        gone = [f for f in filters if f in self._filters or not known]
         if not gone:
             return
-        self._filters = [f for f in self._filters if f not in gone]
+        for f in gone:
+            self._filters.pop(f, None)
         self._change("unsubscribe", tuple(gone))
 
     def _change(self, kind: str, filters: tuple[str, ...]) -> None:
@@ -487,8 +495,13 @@ class MqttSession:
                 self._changed_offline = False
                 self._suback = loop.create_future()
                 self._suback.add_done_callback(self._subscribed)
-                self._suback_filters = tuple(self._filters)
+                # The options' filters in the SUBSCRIBE whose refusal ends the session; those
+                # added at run time apart, so that one refused cannot stop the bridge.
+                self._suback_filters = tuple(f for f in self._filters if f in self._base)
                 self._write(encode_subscribe(self._suback_filters))
+                added = tuple(f for f in self._filters if f not in self._base)
+                if added:
+                    self._change("subscribe", added)
                 if self._removed_offline:
                     removed, self._removed_offline = tuple(self._removed_offline), set()
                     self._change("unsubscribe", removed)
@@ -749,12 +762,19 @@ class MqttSession:
         """The answer to a subscription changed at run time: a refusal is logged, not fatal
         (the filters of the options were granted; this one may be forbidden by an ACL)."""
         kind, filters = change
-        if kind == "subscribe":
-            refusal = self._refusal(filters, codes, properties)
-            if refusal:
-                log.error("mqtt_subscribe_refused", reason=refusal)
-            else:
-                log.info("mqtt_subscribed", filters=",".join(filters))
+        if kind != "subscribe":
+            return
+        refused = [
+            f for n, f in enumerate(filters) if (codes[n] if n < len(codes) else 0x80) >= 0x80
+        ]
+        for f in refused:
+            self._filters.pop(f, None)
+            self._refused_filters.add(f)
+        if refused:
+            problem = self._refusal(filters, codes, properties)
+            log.error("mqtt_subscribe_refused", filters=",".join(refused), reason=problem)
+        else:
+            log.info("mqtt_subscribed", filters=",".join(filters))
 
     def _connection_lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is not self._protocol:

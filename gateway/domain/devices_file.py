@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from schemas import Device, is_device_id
+from schemas.device import check_time_zone
 from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
 __all__ = ["DeviceInputError", "build_device", "parse_devices_csv"]
@@ -41,6 +42,8 @@ def build_device(
         )
     try:
         catalogue.check_type(device_type)
+        if tz:
+            check_time_zone(tz)
     except ValueError as exc:
         raise DeviceInputError(str(exc)) from None
     try:

@@ -19,7 +19,7 @@ from pydantic_core import from_json, to_json
 from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import CanonicalReading
-from gateway.domain.sources import Adapter, SourceError, Sources, infer_type
+from gateway.domain.sources import Adapter, SourceError, SourceReading, Sources, infer_type
 from gateway.topics import telemetry_device_id, telemetry_topic
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES
@@ -35,6 +35,8 @@ ENVELOPE = "envelope"
 # Ignored field names counted per source (devices choose them; past this, "(other)").
 _IGNORED_NAMES_MAX = 200
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,80}$")
+# Devices whose inferred type and last gateway time are kept (a fleet; past it, forgotten).
+_DEVICES_REMEMBERED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,8 @@ class ReadingValidator:
         self.by_source: Counter[str] = Counter()
         self.ignored: Counter[tuple[str, str]] = Counter()
         self._ignored_names: dict[str, set[str]] = {}
+        self._inferred: dict[str, str] = {}
+        self._last_gateway_ts: dict[str, int] = {}
 
     def process(
         self, topic: str, payload: bytes, received_at: int, size: int | None = None
@@ -181,66 +185,106 @@ class ReadingValidator:
         except SourceError as exc:
             self.by_source[adapter.name] += 1
             return [reject(device_id, exc.reason, exc.detail, payload)]
+        except (ArithmeticError, ValueError) as exc:
+            # A number no unit conversion or time can take (1e400 °F, say).
+            self.by_source[adapter.name] += 1
+            detail = f"a value out of any range ({type(exc).__name__})"
+            return [reject(device_id, Reason.SCHEMA, detail, payload)]
         outcomes: list[Outcome] = []
         for found in readings:
             self.by_source[adapter.name] += 1
-            for name in found.ignored:
-                self._ignore(adapter.name, name)
-            if not is_device_id(found.device_id):
-                detail = f"{adapter.name} id {found.device_id!r} is not a valid device id"
-                outcomes.append(reject(None, Reason.UNKNOWN_DEVICE, detail, payload))
-                continue
-            device = self._lookup(found.device_id)
-            if device is None:
-                if self._require_registration:
-                    detail = f"device {found.device_id} is not registered"
-                    outcomes.append(reject(found.device_id, Reason.UNKNOWN_DEVICE, detail, payload))
-                    continue
-                kind = infer_type(found.metrics)
-                tz = self._default_tz
-            elif not device.enabled:
-                detail = f"device {found.device_id} is disabled"
-                outcomes.append(reject(found.device_id, Reason.DEVICE_DISABLED, detail, payload))
-                continue
-            else:
-                kind, tz = device.type, device.tz or self._default_tz
-            spec = self.catalogue.get(kind) if kind else None
-            if spec is None:
-                detail = (
-                    f"device type {kind} is not defined (types file)"
-                    if kind
-                    else f"cannot tell the type of {found.device_id} from "
-                    f"{', '.join(sorted(found.metrics)) or 'no metrics'}; register it"
-                )
-                outcomes.append(reject(found.device_id, Reason.SCHEMA, detail, payload))
-                continue
-            metrics: dict[str, Any] = {}
-            for metric, value in found.metrics.items():
-                if value is None:
-                    continue  # not measured (Shelly sends null for a failed sensor)
-                if metric in spec.metric_names:
-                    metrics[metric] = value
-                else:
-                    self._ignore(adapter.name, found.origin.get(metric, metric))
-            if not metrics:
-                continue  # nothing of its type in this message (e.g. only link quality)
-            try:
-                metrics = self.catalogue.metrics_adapter(spec.name).validate_python(metrics)
-            except ValidationError as exc:
-                error = exc.errors(include_url=False, include_input=False)[0]
-                metric = str(error["loc"][0]) if error["loc"] else "metrics"
-                source = found.origin.get(metric)
-                where = f"{metric} (from {source})" if source and source != metric else metric
-                detail = f"{where}: {error['msg'].removeprefix('Value error, ')}"
-                outcomes.append(reject(found.device_id, Reason.SCHEMA, detail, payload))
-                continue
-            device_time = found.ts is not None
-            ts = _epoch_ms(found.ts, tz) if found.ts is not None else received_at
-            outcomes.append(
-                self._judge(found.device_id, kind or spec.name, ts, None, metrics, payload,
-                            received_at, reject, device_time=device_time)
-            )  # fmt: skip
+            outcome = self._source_reading(adapter, found, payload, received_at, reject)
+            if outcome is not None:
+                outcomes.append(outcome)
         return outcomes
+
+    def _source_reading(
+        self,
+        adapter: Adapter,
+        found: SourceReading,
+        payload: bytes,
+        received_at: int,
+        reject: Callable[[str | None, Reason, str, bytes], Rejected],
+    ) -> Outcome | None:
+        """One device's reading of a source message; None when it holds nothing to ingest."""
+        device_id = found.device_id
+        for name in found.ignored:
+            self._ignore(adapter.name, name)
+        measured = {k: v for k, v in found.metrics.items() if v is not None}
+        if not is_device_id(device_id):
+            detail = f"{adapter.name} id {device_id!r} is not a valid device id"
+            return reject(None, Reason.UNKNOWN_DEVICE, detail, payload)
+        device = self._lookup(device_id)
+        if device is not None and not device.enabled:
+            detail = f"device {device_id} is disabled"
+            return reject(device_id, Reason.DEVICE_DISABLED, detail, payload)
+        if device is None and self._require_registration:
+            detail = f"device {device_id} is not registered"
+            return reject(device_id, Reason.UNKNOWN_DEVICE, detail, payload)
+        if not measured:
+            return None  # only fields we do not read (link quality, ...), or nulls
+        kind = device.type if device is not None else self._inferred_type(adapter, found)
+        if kind is None:
+            detail = (
+                f"cannot tell the type of {device_id} from "
+                f"{', '.join(sorted(measured))}; register it"
+            )
+            return reject(device_id, Reason.SCHEMA, detail, payload)
+        spec = self.catalogue.get(kind)
+        if spec is None:
+            return reject(device_id, Reason.SCHEMA, f"device type {kind} is not defined", payload)
+        metrics: dict[str, Any] = {}
+        for metric, value in measured.items():
+            if metric in spec.metric_names:
+                metrics[metric] = value
+            else:
+                self._ignore(adapter.name, found.origin.get(metric, metric))
+        if not metrics:
+            return None  # nothing of its type in this message (a battery sensor's voltage)
+        try:
+            metrics = self.catalogue.metrics_adapter(spec.name).validate_python(metrics)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            metric = str(error["loc"][0]) if error["loc"] else "metrics"
+            source = found.origin.get(metric)
+            where = f"{metric} (from {source})" if source and source != metric else metric
+            detail = f"{where}: {error['msg'].removeprefix('Value error, ')}"
+            return reject(device_id, Reason.SCHEMA, detail, payload)
+        if found.ts is not None:
+            tz = (device.tz if device is not None else None) or self._default_tz
+            ts, device_time = _epoch_ms(found.ts, tz, received_at), True
+        else:
+            ts, device_time = self._gateway_time(device_id, received_at), False
+        return self._judge(
+            device_id, kind, ts, None, metrics, payload, received_at, reject,
+            device_time=device_time,
+        )  # fmt: skip
+
+    def _inferred_type(self, adapter: Adapter, found: SourceReading) -> str | None:
+        """An unregistered device's type: Home Assistant's device classes, else the first
+        message that tells (then kept: a device is one measurement, whatever it sends)."""
+        device_id = found.device_id
+        known = self._inferred.get(device_id)
+        if known is not None:
+            return known
+        homeassistant = self.sources.homeassistant
+        kind = (
+            homeassistant.inferred_type(device_id) if adapter is homeassistant else None
+        ) or infer_type(found.metrics)
+        if kind is not None:
+            if len(self._inferred) >= _DEVICES_REMEMBERED:
+                self._inferred.clear()
+            self._inferred[device_id] = kind
+        return kind
+
+    def _gateway_time(self, device_id: str, received_at: int) -> int:
+        """The receive time of a reading without a device time, a millisecond after the
+        device's last one at least: a backlog received in one go keeps one point each."""
+        ts = max(received_at, self._last_gateway_ts.get(device_id, 0) + 1)
+        if len(self._last_gateway_ts) >= _DEVICES_REMEMBERED:
+            self._last_gateway_ts.clear()
+        self._last_gateway_ts[device_id] = ts
+        return ts
 
     def _ignore(self, source: str, name: str) -> None:
         names = self._ignored_names.setdefault(source, set())
@@ -348,16 +392,23 @@ def _too_large(payload: bytes, size: int | None) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _zone(name: str) -> zoneinfo.ZoneInfo:
-    return zoneinfo.ZoneInfo(name)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # A zone another host's tzdata had (the registry is shared): read as UTC.
+        return zoneinfo.ZoneInfo("UTC")
 
 
-def _epoch_ms(ts: int | datetime, tz: str) -> int:
-    """A device time in epoch ms; a local time without an offset is read in `tz`."""
+def _epoch_ms(ts: int | datetime, tz: str, received_at: int) -> int:
+    """A device time in epoch ms; a local time without an offset is read in `tz`, and of
+    the two instants a clock change gives one local time, the nearer to `received_at`."""
     if isinstance(ts, int):
         return ts
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=_zone(tz))
-    return int(ts.timestamp() * 1000)
+    if ts.tzinfo is not None:
+        return int(ts.timestamp() * 1000)
+    zone = _zone(tz)
+    instants = {int(ts.replace(tzinfo=zone, fold=fold).timestamp() * 1000) for fold in (0, 1)}
+    return min(instants, key=lambda ms: abs(ms - received_at))
 
 
 def _compact(item: Any) -> bytes:

@@ -122,8 +122,15 @@ def test_a_time_zone_is_an_iana_name_or_refused_in_one_line() -> None:
     """`--tz` takes an IANA zone (for devices that send local time); anything else is one line."""
     device = build_device("plug-1", "smart_plug", registered_at=0, tz="Europe/Berlin")
     assert device.tz == "Europe/Berlin"
-    with pytest.raises(DeviceInputError, match=r"^unknown time zone 'CEST': use an IANA name"):
-        build_device("plug-1", "smart_plug", registered_at=0, tz="CEST")
+    for wrong in ("CEST", "America", "x" * 300):
+        with pytest.raises(DeviceInputError, match=r"^unknown time zone '.*': use an IANA name"):
+            build_device("plug-1", "smart_plug", registered_at=0, tz=wrong)
+
+
+def test_a_record_keeps_a_zone_this_host_does_not_know() -> None:
+    """The registry is read on every host: a zone missing from one's tzdata keeps the record."""
+    record = Device(device_id="plug-1", type="smart_plug", tz="Mars/Olympus_Mons", registered_at=0)
+    assert record.tz == "Mars/Olympus_Mons"
 
 
 def test_csv_rows_take_their_tz_or_the_import_default() -> None:

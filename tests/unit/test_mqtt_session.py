@@ -243,9 +243,31 @@ async def test_filters_added_and_removed_at_run_time_follow_the_session() -> Non
         second = await broker.connection(1)
         await until(lambda: second.subscribe is not None and bool(second.changes), 5, "changes")
     assert second.subscribe is not None
-    assert second.subscribe.filters == ["devices/+/telemetry", "ha/hall/state"]
-    assert [(p.kind, p.filters) for p in second.changes] == [(10, ["ha/bedroom/state"])]
+    assert second.subscribe.filters == ["devices/+/telemetry"]
+    assert [(p.kind, p.filters) for p in second.changes] == [
+        (8, ["ha/hall/state"]), (10, ["ha/bedroom/state"])
+    ]  # fmt: skip
     assert session.subscriptions == ("devices/+/telemetry", "ha/hall/state")
+
+
+async def test_a_filter_added_at_run_time_and_refused_never_ends_the_session() -> None:
+    """A learned filter the broker refuses (an ACL) is dropped with an error logged, now and
+    when a new session subscribes everything again: only the options' filters are vital."""
+    async with ScriptedBroker() as broker:
+        broker.refuse = {"$SYS/uptime"}
+        async with session_with(broker) as (session, _):
+            first = await broker.connection(0)
+            session.subscribe(["$SYS/uptime", "ha/hall/state"])
+            await until(lambda: session.subscriptions == ("devices/+/telemetry", "ha/hall/state"),
+                        5, "the refused filter dropped")  # fmt: skip
+            session.subscribe(["$SYS/uptime"])  # learned again: not asked for again
+            first.drop()
+            second = await broker.connection(1)
+            await until(lambda: bool(second.changes), 5, "the learned filter subscribed")
+            assert session.connected
+    assert second.subscribe is not None
+    assert second.subscribe.filters == ["devices/+/telemetry"]
+    assert [p.filters for p in second.changes] == [["ha/hall/state"]]
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.sources import (
+    HomeAssistant,
     Sources,
     SourcesFileError,
     device_id_of,
@@ -20,6 +23,7 @@ from gateway.domain.validation import Accepted, ReadingValidator, Rejected
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from gateway.topics import MQTT_TELEMETRY_FILTER
+from schemas import Device
 from tests.sources import SOURCES, Case, Fixture, load_fixture
 
 pytestmark = pytest.mark.unit
@@ -155,3 +159,119 @@ def test_a_device_id_is_the_native_one_made_safe() -> None:
     assert device_id_of("living room/climate", "z2m-") == "z2m-living_room_climate"
     assert device_id_of("x" * 80) == "x" * 64
     assert device_id_of("Küche") == "K_che"
+
+
+def source_validator(registry: dict[str, Device], sources: Sources) -> ReadingValidator:
+    return ReadingValidator(
+        registry.get,
+        require_registration=False,
+        max_age_ms=100 * 365 * 24 * 3600 * 1000,
+        limiter=RateLimiter(1000.0, 1000),
+        sources=sources,
+        clock=lambda: 0.0,
+    )
+
+
+def accepted(outcomes: list[Accepted | Rejected]) -> list[dict[str, Any]]:
+    assert all(isinstance(o, Accepted) for o in outcomes), outcomes
+    return [json.loads(o.value) for o in outcomes if isinstance(o, Accepted)]
+
+
+def test_readings_timed_by_the_gateway_keep_one_point_each() -> None:
+    """A backlog received in one go: each reading without a device time gets its own
+    millisecond, in arrival order, so InfluxDB keeps every one."""
+    validator = source_validator({}, parse_sources("sources: [{adapter: zigbee2mqtt}]"))
+    records = [
+        r for n in range(3)
+        for r in accepted(validator.process("zigbee2mqtt/lamp", b'{"state":"ON"}', RECEIVED_AT))
+    ]  # fmt: skip
+    assert [r["ts"] for r in records] == [RECEIVED_AT, RECEIVED_AT + 1, RECEIVED_AT + 2]
+
+
+def test_a_local_time_the_clock_change_repeats_is_the_instant_nearer_arrival() -> None:
+    """02:30 on 2026-10-25 happens twice in Berlin: the one nearer the receive time wins."""
+    berlin = {"p": Device(device_id="p", type="smart_plug", tz="Europe/Berlin", registered_at=0)}
+    validator = source_validator(berlin, parse_sources("sources: [{adapter: tasmota}]"))
+    message = b'{"Time":"2026-10-25T02:30:00","ENERGY":{"Power":5}}'
+    first = 1_792_888_200_000  # 00:30Z, 02:30 summer time
+    second = first + 3_600_000  # 01:30Z, 02:30 winter time
+    for received in (first + 5_000, second + 5_000):
+        [record] = accepted(validator.process("tele/p/SENSOR", message, received))
+        assert record["ts"] == received - 5_000
+
+
+def test_an_unregistered_device_keeps_the_type_it_was_first_told() -> None:
+    """A TRV's message with only its temperature stays a thermostat; a message with
+    nothing the gateway reads gives nothing, not a dead letter."""
+    validator = source_validator({}, parse_sources("sources: [{adapter: zigbee2mqtt}]"))
+    full = b'{"local_temperature":19.5,"occupied_heating_setpoint":21}'
+    [first] = accepted(validator.process("zigbee2mqtt/trv", full, RECEIVED_AT))
+    [later] = accepted(
+        validator.process("zigbee2mqtt/trv", b'{"local_temperature":20}', RECEIVED_AT)
+    )
+    assert first["type"] == later["type"] == "thermostat"
+    assert validator.process("zigbee2mqtt/plug", b'{"linkquality":80}', RECEIVED_AT) == []
+
+
+def test_numbers_no_conversion_takes_are_dead_letters() -> None:
+    """1e400 °F, a Shelly time past year 9999: a `schema` dead letter, never an exception."""
+    huge = "1" + "0" * 400
+    energy = f'{{"aenergy":{{"total":{huge}}}}}'
+    registry = {
+        "p": Device(device_id="p", type="climate", registered_at=0),
+        "ht": Device(device_id="ht", type="smart_plug", registered_at=0),
+    }
+    sources = parse_sources(
+        "sources: [{adapter: tasmota}, {adapter: shelly}, {adapter: zigbee2mqtt}]"
+    )
+    validator = source_validator(registry, sources)
+    for topic, payload in (
+        ("tele/p/SENSOR", f'{{"TempUnit":"F","AM2301":{{"Temperature":{huge}}}}}'),
+        ("ht/events/rpc", f'{{"method":"NotifyStatus","params":{{"ts":{huge}}}}}'),
+        ("ht/events/rpc", '{"method":"NotifyStatus","params":{"ts":1e308}}'),
+        ("ht/events/rpc", f'{{"method":"NotifyStatus","params":{{"switch:0":{energy}}}}}'),
+        ("zigbee2mqtt/p", f'{{"temperature":1,"last_seen":{huge}}}'),
+    ):  # fmt: skip
+        [outcome] = validator.process(topic, payload.encode(), RECEIVED_AT)
+        assert isinstance(outcome, Rejected)
+        assert outcome.reason == "schema", outcome.detail
+
+
+@pytest.mark.parametrize(
+    ("state_topic", "why"),
+    [
+        ("devices/t1/telemetry", "read by another source already"),
+        ("$SYS/broker/uptime", "is not a topic the bridge reads"),
+        ("home/a\tb", "is not a topic the bridge reads"),
+        ("home/" + "x" * 2000, "is not a topic the bridge reads"),
+        ("home/+/t", "is not a topic the bridge reads"),
+        ("home/shared", "is other's already"),
+    ],
+)
+def test_discovery_refuses_state_topics_the_bridge_must_not_read(
+    state_topic: str, why: str
+) -> None:
+    """Our envelope's topics, system topics, names Mosquitto refuses, filters, and a topic
+    another device's entity reads (a message is one device's) are not learned."""
+    ha = HomeAssistant("ha", taken=("devices/+/telemetry",))
+    ha.learn("ha/sensor/other/config", ha_config("home/shared", "other"))
+    change = ha.learn("ha/sensor/mine/config", ha_config(state_topic, "mine"))
+    assert change.subscribe == ()
+    assert change.problem is not None
+    assert why in change.problem
+
+
+def test_a_hostile_template_is_refused_at_once() -> None:
+    """A template that would make a regular expression backtrack is refused in microseconds."""
+    template = "{{ value" + " | round(1111111111)" * 8 + " }x"
+    ha = HomeAssistant("ha")
+    started = time.perf_counter()
+    change = ha.learn("ha/sensor/t/config", ha_config("home/t", "t", val_tpl=template))
+    assert time.perf_counter() - started < 0.1
+    assert change.problem is not None
+    assert "outside the subset" in change.problem
+
+
+def ha_config(state_topic: str, device: str, **keys: str) -> bytes:
+    config = {"dev_cla": "temperature", "stat_t": state_topic, "dev": {"ids": [device]}, **keys}
+    return json.dumps(config).encode()

@@ -19,6 +19,7 @@ from gateway.domain.sources.homeassistant import Discovered, HomeAssistant
 from gateway.domain.sources.shelly import Shelly
 from gateway.domain.sources.tasmota import Tasmota
 from gateway.domain.sources.zigbee2mqtt import Zigbee2Mqtt
+from gateway.topics import MQTT_TELEMETRY_FILTER
 from schemas.documents import parse_document
 
 __all__ = [
@@ -100,7 +101,9 @@ class Sources:
         if len(discovery) > 1:
             raise SourcesFileError("at most one homeassistant source")
         if discovery:
-            taken = tuple(f for adapter in self.adapters for f in adapter.filters)
+            # Topics read already (our envelope's among them) are not learned again: the
+            # broker would deliver such a message once per matching subscription.
+            taken = (MQTT_TELEMETRY_FILTER, *(f for a in self.adapters for f in a.filters))
             entry = discovery[0]
             self.homeassistant = HomeAssistant(entry.discovery_prefix, entry.id_prefix, taken)
             self.adapters.append(self.homeassistant)

@@ -12,6 +12,7 @@ from pydantic_core import from_json
 from gateway.domain.deadletters import Reason
 
 __all__ = [
+    "LATEST_MS",
     "Adapter",
     "SourceError",
     "SourceReading",
@@ -126,10 +127,14 @@ def parse_json_object(payload: bytes, what: str) -> dict[str, Any]:
     return document
 
 
+# The latest device time taken: the end of year 9999, as our envelope's `ts`.
+LATEST_MS = 253_402_300_799_999
+
+
 def parse_time(value: Any, field_name: str) -> int | datetime:
     """A device time: epoch ms as is; ISO 8601 text as epoch ms if it has an offset, as a
     local datetime if not. SourceError(schema) otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= LATEST_MS:
         return value
     if isinstance(value, str):
         try:

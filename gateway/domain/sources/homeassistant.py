@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from pydantic_core import from_json
@@ -15,6 +16,7 @@ from gateway.domain.sources.base import (
     SourceError,
     SourceReading,
     device_id_of,
+    infer_type,
     topic_matches,
 )
 
@@ -83,13 +85,12 @@ _BINARY = {
     "door": "open", "window": "open", "opening": "open", "garage_door": "open",
 }  # fmt: skip
 # The value templates real configs use: `{{ value }}`, `{{ value_json.a.b }}`,
-# `{{ value_json['a'] }}`, then optionally `| float`, `| int`, `| round(n)`.
-_TEMPLATE = re.compile(
-    r"""^\{\{\s*(?:value|value_json((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\s*(?:'[^']*'|"[^"]*")\s*\])+))"""
-    r"""\s*((?:\|\s*(?:float|int|round)(?:\(\s*-?\d*\.?\d*\s*\))?\s*)*)\}\}$"""
-)
+# `{{ value_json['a'] }}`, then optionally `| float`, `| int`, `| round(n)`. Read piece by
+# piece, each with an anchored pattern that cannot backtrack far: configs come from
+# anyone on the broker.
+_TEMPLATE_MAX = 256
 _PATH = re.compile(r"""\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*(?:'([^']*)'|"([^"]*)")\s*\]""")
-_ROUND = re.compile(r"round\(\s*(\d+)")
+_FILTER = re.compile(r"(float|int)(?:\(\s*-?\d+(?:\.\d+)?\s*\))?|round(?:\(\s*(\d{1,2})\s*\))?")
 # States Home Assistant itself uses for "no value".
 # ('null' sets a sensor to unknown: https://www.home-assistant.io/integrations/sensor.mqtt/).
 _NO_VALUE = frozenset({"", "unavailable", "unknown", "None", "null"})
@@ -100,14 +101,32 @@ def _template(template: str | None) -> tuple[tuple[str, ...] | None, int | None]
     None if the template is outside the subset."""
     if template is None:
         return None, None
-    match = _TEMPLATE.match(template.strip())
-    if match is None:
+    text = template.strip()
+    if len(text) > _TEMPLATE_MAX or not (text.startswith("{{") and text.endswith("}}")):
         return None
-    path = (
-        tuple(a or b or c for a, b, c in _PATH.findall(match.group(1))) if match.group(1) else None
-    )
-    rounding = _ROUND.search(match.group(2) or "")
-    return path, int(rounding.group(1)) if rounding else None
+    expression, *filters = (part.strip() for part in text[2:-2].split("|"))
+    path: tuple[str, ...] | None = None
+    if expression.startswith("value_json"):
+        rest, found = expression[len("value_json") :], []
+        while rest:
+            match = _PATH.match(rest)
+            if match is None:
+                return None
+            found.append(match.group(1) or match.group(2) or match.group(3))
+            rest = rest[match.end() :]
+        if not found:
+            return None
+        path = tuple(found)
+    elif expression != "value":
+        return None
+    rounding = None
+    for text_filter in filters:
+        match = _FILTER.fullmatch(text_filter)
+        if match is None:
+            return None
+        if text_filter.startswith("round"):
+            rounding = int(match.group(2) or 0)
+    return path, rounding
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +206,8 @@ class HomeAssistant:
         self.discovery_prefix = discovery_prefix
         self.id_prefix = id_prefix
         self._taken = taken
-        self._entities: dict[str, Entity] = {}  # by config topic
+        self._entities: dict[str, Entity] = {}  # by key: config topic [#component]
+        self._keys: dict[str, list[str]] = {}  # a config topic's entity keys
         self._by_state: dict[str, list[Entity]] = {}
 
     @property
@@ -201,18 +221,23 @@ class HomeAssistant:
         return (f"{prefix}/+/+/config", f"{prefix}/+/+/+/config")
 
     @property
-    def entities(self) -> dict[str, Entity]:
-        """The learned entities by config topic."""
-        return dict(self._entities)
+    def entities(self) -> Mapping[str, Entity]:
+        """The learned entities by config topic (a read-only view)."""
+        return MappingProxyType(self._entities)
 
     def device_of(self, topic: str) -> str | None:
         entities = self._by_state.get(topic)
         return entities[0].device_id if entities else None
 
+    def inferred_type(self, device_id: str) -> str | None:
+        """The type a discovered device most likely is, from all its entities' metrics."""
+        return infer_type({e.metric for e in self._entities.values() if e.device_id == device_id})
+
     def learn(self, topic: str, payload: bytes) -> Discovered:
         """Apply one discovery config message (empty: its entities are removed)."""
-        before = set(self._by_state)
-        for key in [k for k in self._entities if k == topic or k.startswith(topic + "#")]:
+        affected = {self._entities[key].state_topic for key in self._keys.get(topic, ())}
+        before = {t for t in affected if t in self._by_state}
+        for key in self._keys.pop(topic, ()):
             self._forget(key)
         problems: list[str] = []
         if payload.strip():
@@ -221,10 +246,12 @@ class HomeAssistant:
                     entity = self._entity(key, component, config)
                 except ValueError as exc:
                     problems.append(str(exc))
-                else:
-                    self._entities[key] = entity
-                    self._by_state.setdefault(entity.state_topic, []).append(entity)
-        after = set(self._by_state)
+                    continue
+                self._entities[key] = entity
+                self._keys.setdefault(topic, []).append(key)
+                self._by_state.setdefault(entity.state_topic, []).append(entity)
+                affected.add(entity.state_topic)
+        after = {t for t in affected if t in self._by_state}
         return Discovered(
             tuple(sorted(after - before)),
             tuple(sorted(before - after)),
@@ -286,10 +313,10 @@ class HomeAssistant:
         state_topic = config.get("state_topic")
         if not isinstance(state_topic, str) or not state_topic:
             raise ValueError("config has no state_topic")
+        if not _is_topic_name(state_topic):
+            raise ValueError(f"state topic {state_topic[:80]!r} is not a topic the bridge reads")
         if any(topic_matches(f, state_topic) for f in self._taken):
             raise ValueError(f"state topic {state_topic} is read by another source already")
-        if "+" in state_topic or "#" in state_topic:
-            raise ValueError(f"state topic {state_topic} is a filter, not a topic")
         template = config.get("value_template")
         parsed = _template(template if isinstance(template, str) else None)
         if parsed is None:
@@ -313,11 +340,16 @@ class HomeAssistant:
             metric = binary
         else:
             metric = "on"
+        device_id = device_id_of(native, self.id_prefix)
+        sharing = self._by_state.get(state_topic)
+        if sharing and sharing[0].device_id != device_id:
+            # A message is one device's: its readings keep their order on its worker.
+            raise ValueError(f"state topic {state_topic} is {sharing[0].device_id}'s already")
         on = config.get("state_on", config.get("payload_on", "ON"))
         off = config.get("state_off", config.get("payload_off", "OFF"))
         return Entity(
             config_topic=topic,
-            device_id=device_id_of(native, self.id_prefix),
+            device_id=device_id,
             state_topic=state_topic,
             metric=metric,
             path=parsed[0],
@@ -345,6 +377,21 @@ class HomeAssistant:
                 reading.metrics[entity.metric] = value
                 reading.origin[entity.metric] = entity.config_topic
         return list(readings.values())
+
+
+# Code points Mosquitto refuses in a topic (mosquitto_validate_utf8): controls and
+# non-characters; a topic of the bridge's is also no filter and no `$` system topic.
+_NOT_IN_TOPIC = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff#+]")
+_TOPIC_MAX = 1024
+
+
+def _is_topic_name(topic: str) -> bool:
+    return (
+        len(topic) <= _TOPIC_MAX
+        and not topic.startswith("$")
+        and _NOT_IN_TOPIC.search(topic) is None
+        and topic.isprintable()
+    )
 
 
 def _expand(config: dict[str, Any]) -> dict[str, Any]:

@@ -6,11 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.domain.deadletters import Reason
-from gateway.domain.sources.base import SourceError, SourceReading, device_id_of, parse_json_object
+from gateway.domain.sources.base import (
+    LATEST_MS,
+    SourceError,
+    SourceReading,
+    device_id_of,
+    parse_json_object,
+)
 
 __all__ = ["Shelly"]
 
 _METHODS = ("NotifyStatus", "NotifyFullStatus")
+LATEST_S = LATEST_MS // 1000
 # (component, path inside it) -> canonical metric; the first instance (`:0`) only.
 _FIELDS: dict[str, dict[tuple[str, ...], str]] = {
     "switch:0": {
@@ -87,6 +94,6 @@ class Shelly:
         ts = params.get("ts")
         if ts is None:
             return [SourceReading(device_id, metrics, origin, ignored)]
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or ts < 0:
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts <= LATEST_S:
             raise SourceError(Reason.SCHEMA, f"params.ts: not a time in seconds: {str(ts)[:40]!r}")
         return [SourceReading(device_id, metrics, origin, ignored, round(ts * 1000))]

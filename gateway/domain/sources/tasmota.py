@@ -26,6 +26,9 @@ _ENERGY = {
 _SENSOR = {"Temperature": "temperature_c", "Humidity": "humidity_pct", "Pressure": "pressure_hpa"}
 # Message keys that describe the message, not a sensor.
 _META = {"Time", "TempUnit", "PressureUnit", "SpeedUnit"}
+# Blocks that look like sensors and are not the room's: an ESP32's chip temperature
+# (SetOption146).
+_NOT_ROOM = {"ESP32"}
 
 
 _PRESSURE_UNITS = {"hPa": 1.0, "mmHg": 1.33322}
@@ -98,6 +101,9 @@ class Tasmota:
             for key, value in message.items():
                 if key in _META:
                     continue
+                if key in _NOT_ROOM:
+                    ignored.append(key)
+                    continue
                 if not isinstance(value, dict):
                     if key in _SENSOR:  # a sensor built into the device (Sonoff SC)
                         value = {key: value}
@@ -113,6 +119,10 @@ class Tasmota:
                     if metric is None or metric in metrics or field_value is None:
                         ignored.append(f"{key}.{field_name}")
                         continue
+                    if isinstance(field_value, list) and field_value:
+                        # A multi-channel meter gives a list per field: the first channel
+                        # is the device's (one metric per reading).
+                        field_value = field_value[0]
                     if metric == "temperature_c" and fahrenheit:
                         field_value = _celsius(field_value)
                     elif metric == "pressure_hpa" and pressure_factor != 1:

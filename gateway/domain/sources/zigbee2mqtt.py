@@ -59,6 +59,8 @@ class Zigbee2Mqtt:
         name = topic[len(self._head) :]
         if not name or name.startswith("bridge/") or name.endswith(_NOT_STATES):
             return None
+        if "/set/" in name or "/get/" in name:
+            return None  # `<name>/set/<attribute>`: a command, as `<name>/set`
         return device_id_of(name, self.id_prefix)
 
     def decode(self, topic: str, payload: bytes) -> list[SourceReading]:

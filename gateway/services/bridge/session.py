@@ -191,6 +191,8 @@ class Bridge:
         self.session.on_unacknowledged = self.metrics.redeliveries.inc
         self.metrics.in_flight.set_function(lambda: self.session.in_flight)
         self.health: HealthServer | None = None
+        # State topics unsubscribed because no entity has them (see _drop_stale).
+        self._stale: set[str] = set()
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -273,12 +275,15 @@ class Bridge:
         shared = (lambda f: f"$share/{group}/{f}") if group else (lambda f: f)
         self.session.subscribe([shared(f) for f in change.subscribe])
         self.session.unsubscribe([shared(f) for f in change.unsubscribe])
-        self.metrics.discovered_entities.set(len(homeassistant.filters))
+        self.metrics.discovered_entities.set(len(homeassistant.entities))
+        self._stale.difference_update(change.subscribe)
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Hand each message to the worker that owns its device, in arrival order."""
         received_at = now_ms()
         self.metrics.messages.inc(len(messages))
+        if self.sources.homeassistant is not None:
+            self._drop_stale(messages)
         workers = self.workers
         if len(workers) == 1:
             workers[0].send(received_at, [(m.index, m.topic, m.payload, m.size) for m in messages])
@@ -292,6 +297,19 @@ class Bridge:
         for worker, share in zip(workers, shares, strict=True):
             if share:
                 worker.send(received_at, share)
+
+    def _drop_stale(self, messages: list[Message]) -> None:
+        """Unsubscribe from state topics no entity has any more: a kept session holds those
+        of configs removed while the bridge was away. (Their messages are dead letters.)"""
+        sources = self.sources
+        for m in messages:
+            topic = m.topic
+            if topic in self._stale or telemetry_device_id(topic) is not None:
+                continue
+            if sources.route(topic) is None and not sources.claims(topic):
+                self._stale.add(topic)
+                log.info("stale_subscription_dropped", topic=topic)
+                self.session.unsubscribe([topic], known=False)
 
     async def _follow(self, worker: Worker) -> None:
         """Acknowledge what the worker finished and count what it did."""
