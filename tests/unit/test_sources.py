@@ -24,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.settings import Settings
 from gateway.topics import MQTT_TELEMETRY_FILTER
 from schemas import Device
+from simulators.bench.sources import measure
 from tests.sources import SOURCES, Case, Fixture, load_fixture
 
 pytestmark = pytest.mark.unit
@@ -275,3 +276,10 @@ def test_a_hostile_template_is_refused_at_once() -> None:
 def ha_config(state_topic: str, device: str, **keys: str) -> bytes:
     config = {"dev_cla": "temperature", "stat_t": state_topic, "dev": {"ids": [device]}, **keys}
     return json.dumps(config).encode()
+
+
+def test_the_sources_benchmark_measures_every_format() -> None:
+    """`python -m simulators.bench.sources`: each format's message is accepted and timed."""
+    results = measure(200)
+    assert set(results) == {"envelope", *SOURCES}
+    assert all(us > 0 for us in results.values())
