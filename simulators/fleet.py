@@ -20,10 +20,8 @@ from simulators.formats import (
     Format,
     Payload,
     shelly,
-    shelly_ts_ms,
     tasmota_sensor,
     tasmota_state,
-    tasmota_ts_ms,
     zigbee2mqtt,
 )
 from simulators.models import DeviceModel, model_for
@@ -384,7 +382,7 @@ class FleetTraffic:
             ts: int | str = reading["ts"]
         else:
             topic, document = self._firmware_payload(device, firmware, reading, fault)
-            ts = _device_time(firmware, document)
+            ts = _device_time(firmware, reading["ts"])
         if fault == "oversize":
             document["note"] = "x" * 70_000
         payload = json.dumps(document).encode()
@@ -412,10 +410,7 @@ class FleetTraffic:
         return tasmota_sensor(firmware, device.type, metrics, ts)
 
 
-def _device_time(firmware: Firmware, document: dict[str, Any]) -> int:
-    """The device time of a payload, in epoch milliseconds, as the bridge reads it."""
-    if firmware.format is Format.ZIGBEE2MQTT:
-        return int(document["last_seen"])
-    if firmware.format is Format.SHELLY:
-        return shelly_ts_ms(document["params"]["ts"])
-    return tasmota_ts_ms(document["Time"], firmware.tz)
+def _device_time(firmware: Firmware, ts_ms: int) -> int:
+    """The device time a payload carries, in epoch milliseconds: the reading's, to the
+    resolution of the format's clock (Tasmota's whole seconds)."""
+    return ts_ms - ts_ms % CLOCK_MS[firmware.format]

@@ -33,11 +33,9 @@ __all__ = [
     "Format",
     "is_base_topic",
     "shelly",
-    "shelly_ts_ms",
     "tasmota_sensor",
     "tasmota_state",
     "tasmota_time",
-    "tasmota_ts_ms",
     "zigbee2mqtt",
 ]
 
@@ -201,14 +199,6 @@ def tasmota_time(firmware: Firmware, ts_ms: int) -> str:
     return local.replace(tzinfo=None).isoformat(timespec="seconds")
 
 
-def tasmota_ts_ms(text: str, tz: str) -> int:
-    """Epoch milliseconds of a Tasmota `Time` (without an offset: in the zone `tz`)."""
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=ZoneInfo(tz))
-    return int(moment.timestamp()) * 1000
-
-
 def _uptime(seconds: int) -> str:
     days, rest = divmod(seconds, 86_400)
     hours, rest = divmod(rest, 3600)
@@ -292,11 +282,6 @@ def tasmota_state(firmware: Firmware, on: bool, ts_ms: int, rng: random.Random) 
             "Downtime": "0T00:00:03",
         },
     }
-
-
-def shelly_ts_ms(ts: float) -> int:
-    """Epoch milliseconds of a Shelly `params.ts` (epoch seconds, a float)."""
-    return round(ts * 1000)
 
 
 def shelly(firmware: Firmware, device_type: str, metrics: dict[str, Any],

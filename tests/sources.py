@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.domain.sources import Sources
+from gateway.domain.sources import Sources, parse_sources
 from schemas import Device
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sources"
@@ -52,8 +52,6 @@ class Fixture:
     cases: list[Case]
 
     def sources(self) -> Sources:
-        from gateway.domain.sources import parse_sources
-
         entries = [self.sources_yaml]
         for case in self.cases:
             entries += case.entry.get("also_configured", [])

@@ -229,3 +229,15 @@ async def forget_session(settings: Settings) -> None:
     client = Client(settings.mqtt_client_id, clean_session=True, session_expiry_interval=0)
     await connect(client, settings.mqtt, ca_file=settings.mqtt_ca_file, timeout_s=10)
     await client.disconnect()
+
+
+# A user-defined device type (DESIGN.md, "Device sources"), as a types file holds it.
+SOIL_PROBE_TYPES = """\
+types:
+  - name: soil_probe
+    metrics:
+      - {name: moisture, unit: pct, kind: float, min: 0, max: 100}
+      - {name: temperature, unit: c, kind: float, min: -40, max: 85}
+      - {name: leak, kind: bool}
+      - {name: tips, kind: int, min: 0}
+"""

@@ -79,7 +79,8 @@ class ReadingValidator:
     (unknown, disabled, type), clock skew, then the device's rate limit. Each reading of
     a batch is judged on its own, so the valid ones pass. Messages of the device sources
     (`sources`) are read by their adapter, then judged the same way against the device's
-    type; what it counts by source is in `by_source` and `ignored` until taken.
+    type; what it counts by source is in `by_source` and `ignored` until taken
+    (`take_counts`).
     """
 
     def __init__(
@@ -122,7 +123,10 @@ class ReadingValidator:
         if device_id is None and self.sources:
             route = self.sources.route(topic)
             if route is not None:
-                return self._process_source(route[0], topic, payload, received_at, size, reject)
+                adapter, source_device = route
+                return self._process_source(
+                    adapter, source_device, topic, payload, received_at, size, reject
+                )
             if self.sources.claims(topic):
                 return []  # a source's topic that is no device's reading (bridge state, ...)
         if device_id is None:
@@ -166,18 +170,26 @@ class ReadingValidator:
             outcomes.append(self._check(device_id, reading, original, received_at, reject))
         return outcomes
 
+    def take_counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """Readings by source and ignored fields by (source, field) since last taken."""
+        counts = dict(self.by_source), dict(self.ignored)
+        self.by_source.clear()
+        self.ignored.clear()
+        return counts
+
     def _process_source(
         self,
         adapter: Adapter,
+        device_id: str,
         topic: str,
         payload: bytes,
         received_at: int,
         size: int | None,
         reject: Callable[[str | None, Reason, str, bytes], Rejected],
     ) -> list[Outcome]:
-        """A device source's message: read by its adapter, each reading filtered to its
-        device's type, validated, then checked like an envelope reading."""
-        device_id = adapter.device_of(topic)
+        """A device source's message (about `device_id`, as the route found): read by its
+        adapter, each reading filtered to its device's type, validated, then checked like
+        an envelope reading."""
         if (too_large := _too_large(payload, size)) is not None:
             return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
         try:

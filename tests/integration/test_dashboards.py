@@ -23,6 +23,7 @@ from schemas import Device
 from schemas.types import BUILTIN_CATALOGUE
 from tests.conftest import unique
 from tests.support import (
+    SOIL_PROBE_TYPES,
     canonical,
     influx_rows,
     own_settings,
@@ -69,15 +70,7 @@ FULL_METRICS: dict[str, dict[str, Any]] = {
 }
 # A user-defined type (DESIGN.md, "Device sources"): the dashboard has no panel of its own
 # for it, only the generic ones of the device's `$type`.
-USER_TYPES = """\
-types:
-  - name: soil_probe
-    metrics:
-      - {name: moisture, unit: pct, kind: float, min: 0, max: 100}
-      - {name: temperature, unit: c, kind: float, min: -40, max: 85}
-      - {name: leak, kind: bool}
-      - {name: tips, kind: int, min: 0}
-"""
+USER_TYPES = SOIL_PROBE_TYPES
 USER_METRICS: dict[str, dict[str, Any]] = {
     "soil_probe": {"moisture_pct": 41.5, "temperature_c": 12.5, "leak": False, "tips": 3},
 }

@@ -17,6 +17,7 @@ from simulators.fleet import FleetTraffic, build_fleet
 from simulators.runner import run_simulation
 from tests.integration.test_dashboards import generic_queries, substitute, type_variable
 from tests.support import (
+    SOIL_PROBE_TYPES,
     forget_session,
     influx_rows,
     own_settings,
@@ -26,16 +27,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-TYPES = """\
-types:
-  - name: soil_probe
-    metrics:
-      - {name: moisture, unit: pct, kind: float, min: 0, max: 100}
-      - {name: temperature, unit: c, kind: float, min: -40, max: 85}
-      - {name: leak, kind: bool}
-      - {name: tips, kind: int, min: 0, max: 1000}
-"""
-
 
 async def test_a_user_type_from_types_yaml_to_the_dashboard(
     settings: Settings, tmp_path: Path
@@ -44,7 +35,7 @@ async def test_a_user_type_from_types_yaml_to_the_dashboard(
     refuses an out-of-range value; the simulator plays it through the bridge and the writer
     with nothing lost; the dashboard's generic panels return its rows from InfluxDB."""
     types_file = tmp_path / "types.yaml"
-    types_file.write_text(TYPES)
+    types_file.write_text(SOIL_PROBE_TYPES)
     s = await own_settings(settings, writer_flush_interval_s=0.2, types_file=types_file)
     catalogue = s.catalogue()
 

@@ -22,19 +22,11 @@ from schemas.types import (
     TypesFileError,
     parse_types,
 )
+from tests.support import SOIL_PROBE_TYPES as SOIL_PROBE
 
 pytestmark = pytest.mark.unit
 
 NOW = 1_795_680_000_000
-SOIL_PROBE = """\
-types:
-  - name: soil_probe
-    metrics:
-      - {name: moisture, unit: pct, kind: float, min: 0, max: 100}
-      - {name: temperature, unit: c, kind: float, min: -40, max: 85}
-      - {name: leak, kind: bool}
-      - {name: tips, kind: int, min: 0}
-"""
 BUILTIN_NAMES = [spec.name for spec in BUILTIN_TYPES]
 
 

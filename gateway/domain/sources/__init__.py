@@ -100,10 +100,13 @@ class Sources:
                 discovery.append(entry)
         if len(discovery) > 1:
             raise SourcesFileError("at most one homeassistant source")
+        # The filters to subscribe to, fixed for the process (Home Assistant's state topics
+        # are learned apart).
+        self.filters: tuple[str, ...] = tuple(f for a in self.adapters for f in a.filters)
         if discovery:
             # Topics read already (our envelope's among them) are not learned again: the
             # broker would deliver such a message once per matching subscription.
-            taken = (MQTT_TELEMETRY_FILTER, *(f for a in self.adapters for f in a.filters))
+            taken = (MQTT_TELEMETRY_FILTER, *self.filters)
             entry = discovery[0]
             self.homeassistant = HomeAssistant(entry.discovery_prefix, entry.id_prefix, taken)
             self.adapters.append(self.homeassistant)
@@ -114,15 +117,11 @@ class Sources:
     def __bool__(self) -> bool:
         return bool(self.adapters)
 
-    @property
-    def filters(self) -> tuple[str, ...]:
-        """The static filters to subscribe to (Home Assistant's state topics are learned)."""
-        return tuple(f for a in self.adapters if a is not self.homeassistant for f in a.filters)
-
     def claims(self, topic: str) -> bool:
         """Whether a source subscribes to `topic` (it may still be no device's reading, like
         Zigbee2MQTT's `bridge/...` topics)."""
-        return any(topic_matches(f, topic) for adapter in self.adapters for f in adapter.filters)
+        # The fixed filters only: a learned state topic that is still an entity's routes.
+        return any(topic_matches(f, topic) for f in self.filters)
 
     def route(self, topic: str) -> tuple[Adapter, str] | None:
         """The adapter that reads `topic` and the device it is about, if any does."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,11 +13,13 @@ from pydantic_core import from_json
 from gateway.domain.deadletters import Reason
 
 __all__ = [
+    "HPA_PER_MMHG",
     "LATEST_MS",
     "Adapter",
     "SourceError",
     "SourceReading",
     "device_id_of",
+    "fahrenheit_to_celsius",
     "infer_type",
     "on_off",
     "parse_json_object",
@@ -27,10 +30,20 @@ __all__ = [
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]")
 
 
+# A fleet's ids repeat message after message: each is made once (up to this many).
+@functools.lru_cache(maxsize=100_000)
 def device_id_of(native: str, prefix: str = "") -> str:
     """DESIGN.md's rule: the source's prefix and the native id, every character outside
     `[A-Za-z0-9_-]` replaced by `_`, cut to 64."""
     return _NOT_ID.sub("_", prefix + native)[:64]
+
+
+# Unit conversions more than one source needs.
+HPA_PER_MMHG = 1.33322
+
+
+def fahrenheit_to_celsius(value: float) -> float:
+    return (value - 32) * 5 / 9
 
 
 def topic_matches(pattern: str, topic: str) -> bool:

@@ -13,9 +13,11 @@ from pydantic_core import from_json
 
 from gateway.domain.deadletters import Reason
 from gateway.domain.sources.base import (
+    HPA_PER_MMHG,
     SourceError,
     SourceReading,
     device_id_of,
+    fahrenheit_to_celsius,
     infer_type,
     topic_matches,
 )
@@ -51,7 +53,7 @@ _SAME: Convert = _scale(1)
 _SENSORS: dict[str, tuple[str, dict[str | None, Convert]]] = {
     "temperature": (
         "temperature_c",
-        {None: _SAME, "°C": _SAME, "°F": lambda f: (f - 32) * 5 / 9, "K": lambda k: k - 273.15},
+        {None: _SAME, "°C": _SAME, "°F": fahrenheit_to_celsius, "K": lambda k: k - 273.15},
     ),
     "humidity": ("humidity_pct", {None: _SAME, "%": _SAME}),
     "pressure": (
@@ -63,7 +65,7 @@ _SENSORS: dict[str, tuple[str, dict[str | None, Convert]]] = {
             "kPa": _scale(10),
             "Pa": _scale(0.01),
             "inHg": _scale(33.8639),
-            "mmHg": _scale(1.33322),
+            "mmHg": _scale(HPA_PER_MMHG),
             "psi": _scale(68.9476),
         },
     ),

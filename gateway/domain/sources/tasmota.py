@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.domain.deadletters import Reason
 from gateway.domain.sources.base import (
+    HPA_PER_MMHG,
     SourceError,
     SourceReading,
     device_id_of,
+    fahrenheit_to_celsius,
     on_off,
     parse_json_object,
     parse_time,
@@ -31,18 +34,17 @@ _META = {"Time", "TempUnit", "PressureUnit", "SpeedUnit"}
 _NOT_ROOM = {"ESP32"}
 
 
-_PRESSURE_UNITS = {"hPa": 1.0, "mmHg": 1.33322}
+# PressureUnit -> its conversion to hPa (SetOption24 switches pressure to mmHg).
+_PRESSURE_UNITS: dict[str, Callable[[float], float]] = {
+    "hPa": lambda hpa: hpa,
+    "mmHg": lambda mmhg: mmhg * HPA_PER_MMHG,
+}
 
 
-def _scaled(value: Any, factor: float | None) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and factor is not None:
-        return value * factor
-    return value
-
-
-def _celsius(value: Any) -> Any:
+def _converted(value: Any, convert: Callable[[float], float]) -> Any:
+    """A number converted; anything else as it is, for validation to refuse."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (value - 32) * 5 / 9
+        return convert(value)
     return value
 
 
@@ -95,9 +97,8 @@ class Tasmota:
             ignored += [k for k in message if k not in _META and k != key]
         else:
             fahrenheit = message.get("TempUnit") == "F"
-            # SetOption24 switches pressure to mmHg.
             unit = message.get("PressureUnit", "hPa")
-            pressure_factor = _PRESSURE_UNITS.get(unit) if isinstance(unit, str) else None
+            to_hpa = _PRESSURE_UNITS.get(unit) if isinstance(unit, str) else None
             for key, value in message.items():
                 if key in _META:
                     continue
@@ -114,7 +115,7 @@ class Tasmota:
                 names = _ENERGY if key == "ENERGY" else _SENSOR
                 for field_name, field_value in value.items():
                     metric = names.get(field_name)
-                    if metric == "pressure_hpa" and pressure_factor is None:
+                    if metric == "pressure_hpa" and to_hpa is None:
                         metric = None
                     if metric is None or metric in metrics or field_value is None:
                         ignored.append(f"{key}.{field_name}")
@@ -124,9 +125,9 @@ class Tasmota:
                         # is the device's (one metric per reading).
                         field_value = field_value[0]
                     if metric == "temperature_c" and fahrenheit:
-                        field_value = _celsius(field_value)
-                    elif metric == "pressure_hpa" and pressure_factor != 1:
-                        field_value = _scaled(field_value, pressure_factor)
+                        field_value = _converted(field_value, fahrenheit_to_celsius)
+                    elif metric == "pressure_hpa" and to_hpa is not None:
+                        field_value = _converted(field_value, to_hpa)
                     metrics[metric], origin[metric] = field_value, f"{key}.{field_name}"
         time = message.get("Time")
         if time is not None and not isinstance(time, str):

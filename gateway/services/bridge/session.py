@@ -42,14 +42,24 @@ DRAIN_TIMEOUT_S = 7.0
 _WORKER_EXIT_S = 2.0
 
 
-def owner(topic: str, workers: int, sources: Sources | None = None) -> int:
-    """The worker that owns the device a topic is about: a stable hash of its id, the same
-    in every process and after every restart."""
+def device_of(topic: str, sources: Sources | None = None) -> str | None:
+    """The device a topic is about: the id in our envelope's topic, or the one a device
+    source derives from its own; None for a topic of neither."""
     device = telemetry_device_id(topic)
     if device is None and sources:
         route = sources.route(topic)
         device = route[1] if route else None
-    return zlib.crc32((device or topic).encode()) % workers
+    return device
+
+
+def owner(topic: str, workers: int, sources: Sources | None = None) -> int:
+    """The worker that owns the device a topic is about: a stable hash of its id, the same
+    in every process and after every restart."""
+    return _worker_of(device_of(topic, sources) or topic, workers)
+
+
+def _worker_of(device: str, workers: int) -> int:
+    return zlib.crc32(device.encode()) % workers
 
 
 class Worker(Protocol):
@@ -191,16 +201,19 @@ class Bridge:
         self.session.on_unacknowledged = self.metrics.redeliveries.inc
         self.metrics.in_flight.set_function(lambda: self.session.in_flight)
         self.health: HealthServer | None = None
-        # State topics unsubscribed because no entity has them (see _drop_stale).
+        # State topics unsubscribed because no entity has them (see _drop_if_stale).
         self._stale: set[str] = set()
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
         """Our envelope's filter and the device sources' (Home Assistant's state topics are
         added as discovery names them)."""
+        return tuple(self._shared(f) for f in (MQTT_TELEMETRY_FILTER, *self.sources.filters))
+
+    def _shared(self, topic_filter: str) -> str:
+        """A filter as the bridge subscribes to it: in the share group, if one is set."""
         group = self.settings.mqtt_share_group
-        filters = (MQTT_TELEMETRY_FILTER, *self.sources.filters)
-        return tuple(f"$share/{group}/{f}" for f in filters) if group else filters
+        return f"$share/{group}/{topic_filter}" if group else topic_filter
 
     def readiness(self) -> dict[str, bool]:
         workers = all(worker.ready for worker in self.workers)
@@ -271,10 +284,8 @@ class Bridge:
             log.warning("discovery_config_skipped", topic=topic, reason=change.problem)
         for worker in self.workers:
             worker.send_discovery(topic, payload)
-        group = self.settings.mqtt_share_group
-        shared = (lambda f: f"$share/{group}/{f}") if group else (lambda f: f)
-        self.session.subscribe([shared(f) for f in change.subscribe])
-        self.session.unsubscribe([shared(f) for f in change.unsubscribe])
+        self.session.subscribe([self._shared(f) for f in change.subscribe])
+        self.session.unsubscribe([self._shared(f) for f in change.unsubscribe])
         self.metrics.discovered_entities.set(len(homeassistant.entities))
         self._stale.difference_update(change.subscribe)
 
@@ -282,34 +293,30 @@ class Bridge:
         """Hand each message to the worker that owns its device, in arrival order."""
         received_at = now_ms()
         self.metrics.messages.inc(len(messages))
-        if self.sources.homeassistant is not None:
-            self._drop_stale(messages)
-        workers = self.workers
-        if len(workers) == 1:
+        workers, sources = self.workers, self.sources
+        discovery = sources.homeassistant is not None
+        if len(workers) == 1 and not discovery:
             workers[0].send(received_at, [(m.index, m.topic, m.payload, m.size) for m in messages])
             return
         shares: list[list[tuple[int, str, bytes, int]]] = [[] for _ in workers]
-        sources = self.sources
         for m in messages:
-            shares[owner(m.topic, len(workers), sources)].append(
-                (m.index, m.topic, m.payload, m.size)
-            )
+            device = device_of(m.topic, sources)
+            if device is None and discovery:
+                self._drop_if_stale(m.topic)
+            number = _worker_of(device or m.topic, len(workers)) if len(workers) > 1 else 0
+            shares[number].append((m.index, m.topic, m.payload, m.size))
         for worker, share in zip(workers, shares, strict=True):
             if share:
                 worker.send(received_at, share)
 
-    def _drop_stale(self, messages: list[Message]) -> None:
-        """Unsubscribe from state topics no entity has any more: a kept session holds those
-        of configs removed while the bridge was away. (Their messages are dead letters.)"""
-        sources = self.sources
-        for m in messages:
-            topic = m.topic
-            if topic in self._stale or telemetry_device_id(topic) is not None:
-                continue
-            if sources.route(topic) is None and not sources.claims(topic):
-                self._stale.add(topic)
-                log.info("stale_subscription_dropped", topic=topic)
-                self.session.unsubscribe([topic], known=False)
+    def _drop_if_stale(self, topic: str) -> None:
+        """Unsubscribe from a state topic no entity has any more: a kept session holds those
+        of configs removed while the bridge was away. (Its message is a dead letter.)"""
+        if topic in self._stale or self.sources.claims(topic):
+            return
+        self._stale.add(topic)
+        log.info("stale_subscription_dropped", topic=topic)
+        self.session.unsubscribe([topic], known=False)
 
     async def _follow(self, worker: Worker) -> None:
         """Acknowledge what the worker finished and count what it did."""

@@ -155,10 +155,7 @@ class IngestWorker:
         stats = self._publisher.take_stats()
         done, self._done = self._done, []
         readings, self._readings = self._readings, 0
-        validator = self.validator
-        by_source, ignored = dict(validator.by_source), dict(validator.ignored)
-        validator.by_source.clear()
-        validator.ignored.clear()
+        by_source, ignored = self.validator.take_counts()
         counts = (
             readings, stats.published, dict(stats.rejected), stats.retries, stats.newest_ts,
             by_source, ignored,
