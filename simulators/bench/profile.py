@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,12 +57,34 @@ class Recording:
             if not line:
                 raise IotgwError(f"py-spy could not sample pid {pid}: {' '.join(said)[-300:]}")
             said.append(line.strip())
+        # py-spy says so a moment before it installs its Control-C handler, and a SIGINT in
+        # between kills it before it writes anything: wait until the kernel shows the handler.
+        deadline = time.monotonic() + 10
+        while not _catches_sigint(self._process.pid):
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                raise IotgwError(f"py-spy could not sample pid {pid}: it never got ready")
+            time.sleep(0.01)
 
     def stop(self) -> dict[str, float]:
         """Stop sampling; the share of samples per stage, largest first."""
         self._process.send_signal(signal.SIGINT)
-        self._process.communicate(timeout=30)
+        said, _ = self._process.communicate(timeout=30)
+        if not self.path.exists():
+            code = self._process.returncode
+            raise IotgwError(f"py-spy wrote no profile (exit {code}): {said.strip()[-500:]}")
         return stages(self.path)
+
+
+def _catches_sigint(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGINT (its SigCgt mask, /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
 
 
 def stages(path: Path) -> dict[str, float]:
