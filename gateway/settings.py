@@ -111,6 +111,7 @@ def _check_no_credentials(url: HttpUrl) -> HttpUrl:
 
 
 LogFormat = Literal["logfmt", "json"]
+UnknownDevices = Literal["hold", "reject"]
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 KafkaSaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
 
@@ -166,6 +167,13 @@ class Settings(BaseSettings):
     # cluster has fewer brokers. Set, creation waits (up to IOTGW_TIMEOUT_S) for that many.
     topic_replication: int | None = Field(default=None, ge=1, le=10)
     require_registration: bool = True
+    # What the bridge does with a reading of a device the registry does not know: a dead
+    # letter (`reject`), or kept in the pending topic until approved (`hold`). A device
+    # source may say otherwise in the sources file.
+    unknown_devices: UnknownDevices = "reject"
+    # Held readings older than this become dead letters; at most this many devices are held.
+    pending_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    pending_max_devices: int = Field(default=10_000, ge=1)
     rules_file: Path = Path("rules.yaml")
     # The device sources the bridge reads besides our envelope (absent: the envelope only),
     # and the user's own device types (absent: the built-in ones).

@@ -19,7 +19,7 @@ SOURCES = ("zigbee2mqtt", "tasmota", "shelly", "homeassistant")
 class Case:
     """One message of a fixture file and what it must give."""
 
-    kind: str  # "examples", "no_reading" or "malformed"
+    kind: str  # "examples", "no_reading", "malformed" or "availability"
     entry: dict[str, Any]
 
     @property
@@ -64,7 +64,7 @@ class Fixture:
             config = case.config
             if config is not None and sources.homeassistant is not None:
                 sources.homeassistant.learn(*config)
-            route = sources.route(case.topic)
+            route = sources.route(case.topic) or sources.presence_route(case.topic)
             device_id = case.device_id or (route[1] if route else None)
             if device_id and device_id not in found:
                 found[device_id] = Device(
@@ -88,7 +88,7 @@ def load_fixture(source: str) -> Fixture:
     document = json.loads((FIXTURES / f"{source}.json").read_text())
     cases = [
         Case(kind, entry)
-        for kind in ("examples", "no_reading", "malformed")
+        for kind in ("examples", "no_reading", "malformed", "availability")
         for entry in document.get(kind, [])
     ]
     return Fixture(document["source"], document["sources_yaml"], cases)

@@ -324,7 +324,9 @@ async def ensure_topics(settings: Settings) -> list[TopicResult]:
     The replication factor is 3 on a cluster of three or more brokers (so a broker can
     die without loss, with `min.insync.replicas=2` from the brokers), else the broker count.
     """
-    specs = Topics(settings.topic_prefix).specs(settings.readings_partitions)
+    specs = Topics(settings.topic_prefix).specs(
+        settings.readings_partitions, settings.pending_max_age_s
+    )
     async with settings_admin(settings) as admin:
         try:
             replication = await _replication(admin, settings)

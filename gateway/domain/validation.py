@@ -18,14 +18,23 @@ from pydantic_core import from_json, to_json
 
 from gateway.domain.deadletters import DETAIL_MAX, Reason
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.records import CanonicalReading
+from gateway.domain.records import AvailabilityRecord, CanonicalReading
 from gateway.domain.sources import Adapter, SourceError, SourceReading, Sources, infer_type
-from gateway.topics import telemetry_device_id, telemetry_topic
+from gateway.domain.sources.base import presence_word
+from gateway.topics import status_device_id, telemetry_device_id, telemetry_topic
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES
 from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
-__all__ = ["ENVELOPE", "READING_SCHEMA", "Accepted", "Outcome", "ReadingValidator", "Rejected"]
+__all__ = [
+    "ENVELOPE",
+    "READING_SCHEMA",
+    "Accepted",
+    "Outcome",
+    "Presence",
+    "ReadingValidator",
+    "Rejected",
+]
 
 READING_SCHEMA = b"reading/v1"
 # Readings further ahead of the bridge's clock than this are rejected (DESIGN.md).
@@ -61,7 +70,15 @@ class Rejected:
     received_at: int
 
 
-Outcome = Accepted | Rejected
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A device's availability: a record of `iot.availability`, keyed by device."""
+
+    device_id: str
+    value: bytes
+
+
+Outcome = Accepted | Rejected | Presence
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -120,7 +137,13 @@ class ReadingValidator:
             return Rejected(device_id, reason, detail[:DETAIL_MAX], original, topic, received_at)
 
         device_id = _valid_device_id(topic)
+        if device_id is None and (status := status_device_id(topic)) is not None:
+            return [self._presence(ENVELOPE, status, topic, payload, received_at, reject)]
         if device_id is None and self.sources:
+            presence = self.sources.presence_route(topic)
+            if presence is not None:
+                adapter, source_device = presence
+                return [self._presence(adapter, source_device, topic, payload, received_at, reject)]
             route = self.sources.route(topic)
             if route is not None:
                 adapter, source_device = route
@@ -169,6 +192,50 @@ class ReadingValidator:
                 continue
             outcomes.append(self._check(device_id, reading, original, received_at, reject))
         return outcomes
+
+    def _presence(
+        self,
+        source: Adapter | str,
+        device_id: str,
+        topic: str,
+        payload: bytes,
+        received_at: int,
+        reject: Callable[[str | None, Reason, str, bytes], Rejected],
+    ) -> Outcome:
+        """An availability message (our `devices/{id}/status` when `source` is ENVELOPE):
+        a record for `iot.availability` if its device may speak, else a dead letter."""
+        original = payload[:MAX_PAYLOAD_BYTES]
+        if not is_device_id(device_id):
+            detail = f"topic {topic[:100]!r} names no valid device id"
+            return reject(None, Reason.UNKNOWN_DEVICE, detail, original)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return reject(device_id, Reason.TOO_LARGE, _too_large(payload, None) or "", original)
+        try:
+            if isinstance(source, str):
+                name = source
+                online = presence_word(payload, b"online", b"offline", "a device status")
+            else:
+                name = source.name
+                online = source.presence(payload)
+        except SourceError as exc:
+            return reject(device_id, exc.reason, exc.detail, payload)
+        device = self._lookup(device_id)
+        if device is None and self._require_registration:
+            detail = f"device {device_id} is not registered"
+            return reject(device_id, Reason.UNKNOWN_DEVICE, detail, payload)
+        if device is not None and not device.enabled:
+            detail = f"device {device_id} is disabled"
+            return reject(device_id, Reason.DEVICE_DISABLED, detail, payload)
+        if not self._limiter.allow(device_id, self._clock()):
+            detail = f"over {self._limiter.rate:g} messages/s (burst {self._limiter.burst:g})"
+            return reject(device_id, Reason.RATE_LIMITED, detail, payload)
+        record: AvailabilityRecord = {
+            "device_id": device_id,
+            "online": online,
+            "ts": received_at,
+            "source": name,
+        }
+        return Presence(device_id, to_json(record))
 
     def take_counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
         """Readings by source and ignored fields by (source, field) since last taken."""

@@ -195,6 +195,11 @@ class BridgeMetrics:
         self.published = Counter(
             "iotgw_bridge_readings_published", "readings acknowledged by Kafka", registry=r
         )
+        self.availability = Counter(
+            "iotgw_bridge_availability_published",
+            "availability messages (online/offline) acknowledged by Kafka",
+            registry=r,
+        )
         self.rejected = Counter(
             "iotgw_bridge_readings_rejected",
             "readings sent to the dead-letter topic (acknowledged by Kafka), by reason",

@@ -38,7 +38,11 @@ class MemoryWorker:
         self.configs.append((topic, payload))
 
     def finish(self, indices: list[int]) -> None:
-        self._frames.put_nowait(("done", indices, (len(indices), len(indices), {}, 0, 0, {}, {})))
+        stats = {
+            "readings": len(indices), "published": len(indices), "rejected": {}, "retries": 0,
+            "newest_ts": 0, "sources": {}, "ignored": {}, "availability": 0,
+        }  # fmt: skip
+        self._frames.put_nowait(("done", indices, stats))
 
     async def frames(self) -> AsyncIterator[tuple[Any, ...]]:
         while True:

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -19,10 +20,10 @@ from gateway.domain.sources import (
     parse_sources,
 )
 from gateway.domain.sources.base import topic_matches
-from gateway.domain.validation import Accepted, ReadingValidator, Rejected
+from gateway.domain.validation import Accepted, Outcome, Presence, ReadingValidator, Rejected
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from gateway.topics import MQTT_TELEMETRY_FILTER
+from gateway.topics import MQTT_STATUS_FILTER, MQTT_TELEMETRY_FILTER
 from schemas import Device
 from simulators.bench.sources import measure
 from tests.sources import SOURCES, Case, Fixture, load_fixture
@@ -38,7 +39,7 @@ CASES = [
 ]
 
 
-def judge(fixture: Fixture, case: Case) -> tuple[list[Accepted | Rejected], ReadingValidator]:
+def judge(fixture: Fixture, case: Case) -> tuple[list[Outcome], ReadingValidator]:
     """The outcomes of one fixture message, every device of the fixture registered."""
     registry = {d.device_id: d for d in fixture.devices(fixture.sources())}
     sources = fixture.sources()
@@ -71,7 +72,7 @@ def judge(fixture: Fixture, case: Case) -> tuple[list[Accepted | Rejected], Read
 def subscribed(sources: Sources, topic: str) -> bool:
     """Whether the bridge subscribes to `topic` (our envelope's, a source's, a learned one)."""
     learned = sources.homeassistant.filters if sources.homeassistant else ()
-    filters = (MQTT_TELEMETRY_FILTER, *sources.filters, *learned)
+    filters = (MQTT_TELEMETRY_FILTER, MQTT_STATUS_FILTER, *sources.filters, *learned)
     return any(topic_matches(f, topic) for f in filters)
 
 
@@ -85,6 +86,12 @@ def test_documented_message_gives_its_canonical_reading(fixture: Fixture, case: 
         return
     if case.kind == "no_reading":
         assert outcomes == [], case.entry["why"]
+        return
+    if case.kind == "availability":
+        [presence] = outcomes
+        assert isinstance(presence, Presence), presence
+        record = json.loads(presence.value)
+        assert record == {**case.entry["expected"], "ts": ANY, "source": fixture.source}
         return
     if case.kind == "malformed":
         assert [type(o) for o in outcomes] == [Rejected], case.entry["why"]
@@ -173,7 +180,7 @@ def source_validator(registry: dict[str, Device], sources: Sources) -> ReadingVa
     )
 
 
-def accepted(outcomes: list[Accepted | Rejected]) -> list[dict[str, Any]]:
+def accepted(outcomes: list[Outcome]) -> list[dict[str, Any]]:
     assert all(isinstance(o, Accepted) for o in outcomes), outcomes
     return [json.loads(o.value) for o in outcomes if isinstance(o, Accepted)]
 

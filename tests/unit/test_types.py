@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from gateway.cli.app import app
 from gateway.domain.deadletters import Reason
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.validation import Accepted, ReadingValidator, Rejected
+from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
 from schemas import Device
 from schemas.generate import render, schemas
 from schemas.types import (
@@ -163,7 +163,7 @@ def test_metric_cannot_take_a_name_the_writer_uses(metric: str) -> None:
 REGISTRY = {"soil-1": Device(device_id="soil-1", type="soil_probe", registered_at=0)}
 
 
-def judge(metrics: Any, **fields: Any) -> Accepted | Rejected:
+def judge(metrics: Any, **fields: Any) -> Outcome:
     validator = ReadingValidator(
         REGISTRY.get,
         require_registration=True,

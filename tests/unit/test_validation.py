@@ -9,7 +9,7 @@ import pytest
 
 from gateway.domain.deadletters import Reason
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.validation import Accepted, ReadingValidator, Rejected
+from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
 from gateway.topics import telemetry_device_id
 from schemas import Device, DeviceType
 
@@ -44,7 +44,7 @@ def reading(**overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
-def one(payload: bytes | dict[str, Any], topic: str = TOPIC, **kwargs: Any) -> Accepted | Rejected:
+def one(payload: bytes | dict[str, Any], topic: str = TOPIC, **kwargs: Any) -> Outcome:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     [outcome] = validator(**kwargs).process(topic, raw, NOW)
     return outcome

@@ -123,6 +123,14 @@ class Sources:
         # The fixed filters only: a learned state topic that is still an entity's routes.
         return any(topic_matches(f, topic) for f in self.filters)
 
+    def presence_route(self, topic: str) -> tuple[Adapter, str] | None:
+        """The adapter whose availability topic `topic` is and the device it is about."""
+        for adapter in self.adapters:
+            device_id = adapter.presence_of(topic)
+            if device_id is not None:
+                return adapter, device_id
+        return None
+
     def route(self, topic: str) -> tuple[Adapter, str] | None:
         """The adapter that reads `topic` and the device it is about, if any does."""
         for adapter in self.adapters:

@@ -24,6 +24,7 @@ __all__ = [
     "on_off",
     "parse_json_object",
     "parse_time",
+    "presence_word",
     "topic_matches",
 ]
 
@@ -98,6 +99,26 @@ class Adapter(Protocol):
         """The readings of one message (none: nothing to ingest); SourceError if it is not
         this source's format."""
         ...
+
+    def presence_of(self, topic: str) -> str | None:
+        """The device id of an availability topic of this source; None if it is not one."""
+        ...
+
+    def presence(self, payload: bytes) -> bool:
+        """Whether an availability message says online; SourceError if it says neither."""
+        ...
+
+
+def presence_word(payload: bytes, online: bytes, offline: bytes, what: str) -> bool:
+    """An availability payload that is one of two words (surrounding space ignored)."""
+    word = payload.strip()
+    if word == online:
+        return True
+    if word == offline:
+        return False
+    words = f"{online.decode()!r} or {offline.decode()!r}"
+    shown = word[:40].decode(errors="replace")
+    raise SourceError(Reason.MALFORMED, f"{what} must be {words}, not {shown!r}")
 
 
 def on_off(value: Any, on: str = "ON", off: str = "OFF") -> Any:

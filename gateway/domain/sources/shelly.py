@@ -12,6 +12,7 @@ from gateway.domain.sources.base import (
     SourceReading,
     device_id_of,
     parse_json_object,
+    presence_word,
 )
 
 __all__ = ["Shelly"]
@@ -53,13 +54,23 @@ class Shelly:
 
     @property
     def filters(self) -> tuple[str, ...]:
-        return ("+/events/rpc",)
+        return ("+/events/rpc", "+/online")
 
     def device_of(self, topic: str) -> str | None:
         parts = topic.split("/")
         if len(parts) == 3 and parts[0] and parts[1:] == ["events", "rpc"]:
             return device_id_of(parts[0], self.id_prefix)
         return None
+
+    def presence_of(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        if len(parts) == 2 and parts[0] and parts[1] == "online":
+            return device_id_of(parts[0], self.id_prefix)
+        return None
+
+    def presence(self, payload: bytes) -> bool:
+        # `<id>/online`: `true` once connected, `false` as its last will.
+        return presence_word(payload, b"true", b"false", "a Shelly online message")
 
     def decode(self, topic: str, payload: bytes) -> list[SourceReading]:
         device_id = self.device_of(topic)

@@ -16,6 +16,7 @@ from gateway.domain.sources.base import (
     on_off,
     parse_json_object,
     parse_time,
+    presence_word,
 )
 
 __all__ = ["Tasmota"]
@@ -58,7 +59,7 @@ class Tasmota:
 
     @property
     def filters(self) -> tuple[str, ...]:
-        return ("tele/+/SENSOR", "tele/+/STATE", "stat/+/POWER")
+        return ("tele/+/SENSOR", "tele/+/STATE", "stat/+/POWER", "tele/+/LWT")
 
     def _kind(self, topic: str) -> tuple[str, str] | None:
         parts = topic.split("/")
@@ -72,6 +73,16 @@ class Tasmota:
     def device_of(self, topic: str) -> str | None:
         kind = self._kind(topic)
         return device_id_of(kind[0], self.id_prefix) if kind else None
+
+    def presence_of(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        if len(parts) == 3 and parts[0] == "tele" and parts[1] and parts[2] == "LWT":
+            return device_id_of(parts[1], self.id_prefix)
+        return None
+
+    def presence(self, payload: bytes) -> bool:
+        # The last will Tasmota sets (`Offline`) and what it says once connected (`Online`).
+        return presence_word(payload, b"Online", b"Offline", "a Tasmota LWT")
 
     def decode(self, topic: str, payload: bytes) -> list[SourceReading]:
         kind = self._kind(topic)

@@ -10,6 +10,7 @@ from gateway.domain.sources.base import (
     on_off,
     parse_json_object,
     parse_time,
+    presence_word,
 )
 
 __all__ = ["Zigbee2Mqtt"]
@@ -62,6 +63,21 @@ class Zigbee2Mqtt:
         if "/set/" in name or "/get/" in name:
             return None  # `<name>/set/<attribute>`: a command, as `<name>/set`
         return device_id_of(name, self.id_prefix)
+
+    def presence_of(self, topic: str) -> str | None:
+        if not topic.startswith(self._head) or not topic.endswith("/availability"):
+            return None
+        name = topic[len(self._head) : -len("/availability")]
+        if not name or name == "bridge" or name.startswith("bridge/"):
+            return None
+        return device_id_of(name, self.id_prefix)
+
+    def presence(self, payload: bytes) -> bool:
+        # `{"state":"online"}` since 1.30 (availability's JSON payload); plain words before.
+        if payload.lstrip()[:1] == b"{":
+            state = parse_json_object(payload, "a Zigbee2MQTT availability").get("state")
+            payload = state.encode() if isinstance(state, str) else b"(no state)"
+        return presence_word(payload, b"online", b"offline", "a Zigbee2MQTT availability")
 
     def decode(self, topic: str, payload: bytes) -> list[SourceReading]:
         device_id = self.device_of(topic)

@@ -18,7 +18,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from gateway.adapters.kafka import describe_kafka_error, is_fatal
 from gateway.domain.backoff import Backoff
 from gateway.domain.deadletters import Headers, dead_letter_headers
-from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome
+from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome, Presence
 from gateway.errors import IotgwError
 from gateway.topics import Topics
 
@@ -46,6 +46,7 @@ class PublishStats:
     """What the publisher did since the stats were last taken."""
 
     published: int = 0
+    availability: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     retries: int = 0
     newest_ts: int = 0
@@ -102,6 +103,7 @@ class KafkaPublisher:
         self._producer = producer
         self._readings = topics.readings
         self._dead_letters = topics.dead_letters
+        self._availability = topics.availability
         self._partitions = partitions
         self._on_done = on_done
         self._lanes: dict[tuple[str, int], _Lane] = {}
@@ -121,7 +123,7 @@ class KafkaPublisher:
         """A publisher for the readings and dead-letter topics, their partitions looked up."""
         partitions = {
             topic: sorted(await producer.partitions_for(topic))
-            for topic in (topics.readings, topics.dead_letters)
+            for topic in (topics.readings, topics.dead_letters, topics.availability)
         }
         return cls(producer, topics, partitions, on_done)
 
@@ -142,6 +144,9 @@ class KafkaPublisher:
                 topic, key = self._readings, outcome.device_id.encode()
                 value = outcome.value
                 headers = _DEVICE_TIME_HEADERS if outcome.device_time else _GATEWAY_TIME_HEADERS
+            elif isinstance(outcome, Presence):
+                topic, key = self._availability, outcome.device_id.encode()
+                value, headers = outcome.value, []
             else:
                 topic = self._dead_letters
                 key = outcome.device_id.encode() if outcome.device_id else None
@@ -232,6 +237,8 @@ class KafkaPublisher:
                 stats.published += 1
                 if outcome.ts > stats.newest_ts:
                     stats.newest_ts = outcome.ts
+            elif isinstance(outcome, Presence):
+                stats.availability += 1
             else:
                 stats.rejected[outcome.reason.value] += 1
             message = record.message

@@ -30,7 +30,12 @@ from gateway.errors import IotgwError
 from gateway.services.bridge.worker import read_frame, write_frame
 from gateway.services.runtime import BridgeMetrics, HealthServer
 from gateway.settings import Settings
-from gateway.topics import MQTT_TELEMETRY_FILTER, telemetry_device_id
+from gateway.topics import (
+    MQTT_STATUS_FILTER,
+    MQTT_TELEMETRY_FILTER,
+    status_device_id,
+    telemetry_device_id,
+)
 
 __all__ = ["DRAIN_TIMEOUT_S", "Bridge"]
 
@@ -45,9 +50,9 @@ _WORKER_EXIT_S = 2.0
 def device_of(topic: str, sources: Sources | None = None) -> str | None:
     """The device a topic is about: the id in our envelope's topic, or the one a device
     source derives from its own; None for a topic of neither."""
-    device = telemetry_device_id(topic)
+    device = telemetry_device_id(topic) or status_device_id(topic)
     if device is None and sources:
-        route = sources.route(topic)
+        route = sources.route(topic) or sources.presence_route(topic)
         device = route[1] if route else None
     return device
 
@@ -206,9 +211,10 @@ class Bridge:
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        """Our envelope's filter and the device sources' (Home Assistant's state topics are
-        added as discovery names them)."""
-        return tuple(self._shared(f) for f in (MQTT_TELEMETRY_FILTER, *self.sources.filters))
+        """Our envelope's filters (readings, availability) and the device sources' (Home
+        Assistant's state topics are added as discovery names them)."""
+        filters = (MQTT_TELEMETRY_FILTER, MQTT_STATUS_FILTER, *self.sources.filters)
+        return tuple(self._shared(f) for f in filters)
 
     def _shared(self, topic_filter: str) -> str:
         """A filter as the bridge subscribes to it: in the share group, if one is set."""
@@ -324,20 +330,22 @@ class Bridge:
         async for frame in worker.frames():
             if frame[0] != "done":
                 continue
-            _, done, (readings, published, rejected, retries, newest_ts, sources, ignored) = frame
+            _, done, stats = frame
             self.session.complete(done)
-            metrics.readings.inc(readings)
-            if published:
+            metrics.readings.inc(stats["readings"])
+            if published := stats["published"]:
                 metrics.published.inc(published)
-                metrics.backlog_age.set(max(0.0, (now_ms() - newest_ts) / 1000))
-            for reason, count in rejected.items():
+                metrics.backlog_age.set(max(0.0, (now_ms() - stats["newest_ts"]) / 1000))
+            for reason, count in stats["rejected"].items():
                 metrics.rejected.labels(reason).inc(count)
-            if retries:
+            if retries := stats["retries"]:
                 metrics.kafka_retries.inc(retries)
-            for source, count in sources.items():
+            for source, count in stats["sources"].items():
                 metrics.source_readings.labels(source).inc(count)
-            for (source, field), count in ignored.items():
+            for (source, field), count in stats["ignored"].items():
                 metrics.ignored_fields.labels(source, field).inc(count)
+            if availability := stats["availability"]:
+                metrics.availability.inc(availability)
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop taking messages, let Kafka acknowledge what is in flight, then close."""

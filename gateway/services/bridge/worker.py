@@ -11,9 +11,9 @@ go both ways (a 4-byte length, then a `marshal`led tuple of plain values):
   before any message that follows it;
 - to the session: `("ready",)` once the registry is loaded and Kafka answers, or
   `("error", reason)` and exit 1; then `("done", [index, ...], stats)` as Kafka
-  acknowledges messages, `stats` being what happened since the last frame (readings,
+  acknowledges messages, `stats` a dict of what happened since the last frame (readings,
   published, rejected by reason, Kafka retries, newest ts, readings by source, ignored
-  fields by (source, field)).
+  fields by (source, field), availability records).
 
 End of input (the session closed its end, or died) stops the worker.
 """
@@ -156,10 +156,16 @@ class IngestWorker:
         done, self._done = self._done, []
         readings, self._readings = self._readings, 0
         by_source, ignored = self.validator.take_counts()
-        counts = (
-            readings, stats.published, dict(stats.rejected), stats.retries, stats.newest_ts,
-            by_source, ignored,
-        )  # fmt: skip
+        counts = {
+            "readings": readings,
+            "published": stats.published,
+            "rejected": dict(stats.rejected),
+            "retries": stats.retries,
+            "newest_ts": stats.newest_ts,
+            "sources": by_source,
+            "ignored": ignored,
+            "availability": stats.availability,
+        }
         with contextlib.suppress(ConnectionError):
             write_frame(self._writer, ("done", done, counts))
         if not self._publisher.pending:
