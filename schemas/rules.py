@@ -1,4 +1,4 @@
-"""Alerting rules as YAML (DESIGN.md, "Rules"): threshold, absence, rate and state."""
+"""Alerting rules as YAML (DESIGN.md, "Rules"): threshold, absence, rate, state and offline."""
 
 from __future__ import annotations
 
@@ -163,7 +163,17 @@ class StateRule(_Rule):
         return self
 
 
-Rule = Annotated[ThresholdRule | AbsenceRule | RateRule | StateRule, Field(discriminator="kind")]
+class OfflineRule(_Rule):
+    """A device said it is offline (its last will, or its source's availability topic) and
+    stayed offline for `for` (default 0 s: at once); resolved when it says it is online."""
+
+    kind: Literal["offline"]
+    for_: Duration = Field(default=0.0, alias="for")
+
+
+Rule = Annotated[
+    ThresholdRule | AbsenceRule | RateRule | StateRule | OfflineRule, Field(discriminator="kind")
+]
 
 
 class RulesFile(_Strict):

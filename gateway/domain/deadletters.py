@@ -28,7 +28,8 @@ class Reason(StrEnum):
     TYPE_MISMATCH = "type_mismatch"
     CLOCK_SKEW = "clock_skew"
     RATE_LIMITED = "rate_limited"
-    # The writer's: a record of iot.readings or iot.alerts InfluxDB refused as a point.
+    # The writer's: a record of iot.readings, iot.availability or iot.alerts InfluxDB
+    # refused as a point.
     INFLUX_REJECTED = "influx_rejected"
 
 

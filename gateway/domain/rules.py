@@ -1,4 +1,5 @@
-"""Rule evaluation: readings in event-time order, alerts out on every transition (pure logic)."""
+"""Rule evaluation: readings in event-time order and availability records, alerts out on
+every transition (pure logic)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import Any, Literal, cast
 
 from pydantic_core import from_json, to_json
 
-from gateway.domain.records import CanonicalReading, MetricValue
+from gateway.domain.records import AvailabilityRecord, CanonicalReading, MetricValue
 from schemas import Device
-from schemas.rules import AbsenceRule, RateRule, Rule, StateRule, ThresholdRule
+from schemas.rules import AbsenceRule, OfflineRule, RateRule, Rule, StateRule, ThresholdRule
 
-__all__ = ["Alert", "RuleEngine", "RuleState", "decode_reading"]
+__all__ = ["Alert", "RuleEngine", "RuleState", "decode_availability", "decode_reading"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -48,7 +49,9 @@ class RuleState:
     misses a transition."""
 
     firing: bool = False
-    since: int | None = None  # event time the condition started to hold (for `for`)
+    # Event time the condition started to hold (for `for`); for `offline`, when the device
+    # went offline, kept while firing.
+    since: int | None = None
     last_ts: int | None = None  # newest reading's event time (absence)
     # (ts, value) in the window (rate). Tuples, not lists: the collector stops tracking a
     # tuple of numbers, and a rate rule keeps a window of them for every device.
@@ -76,6 +79,19 @@ def decode_reading(value: bytes) -> CanonicalReading:
         if not isinstance(metric, (int, float)):  # bool is an int
             raise ValueError("not a canonical reading: a metric is not a number or a bool")
     return cast(CanonicalReading, reading)
+
+
+def decode_availability(value: bytes) -> AvailabilityRecord:
+    """A record of `iot.availability`; ValueError if it is not one (skipped, like a reading)."""
+    record = from_json(value)
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("device_id"), str)
+        and type(record.get("online")) is bool
+        and type(record.get("ts")) is int
+    ):
+        raise ValueError("not an availability record")
+    return cast(AvailabilityRecord, record)
 
 
 # A compiled rule for one device: (key, metric value or None, event time) -> its alert.
@@ -137,18 +153,20 @@ class _Plan:
     checks: tuple[tuple[_Check, Key, str | None], ...]  # in rule order; metric None: absence
     rates: tuple[tuple[_RateCheck, _RateMembers, str], ...]  # by metric and window
     absence: tuple[tuple[AbsenceRule, Key], ...]
+    offline: tuple[tuple[OfflineRule, Key], ...]
 
 
 class RuleEngine:
-    """Evaluates rules per device; `evaluate_batch` (or `evaluate`) for readings, `tick`
-    for the wall clock.
+    """Evaluates rules per device; `evaluate_batch` (or `evaluate`) for readings,
+    `evaluate_availability` for availability records (`offline` rules), `tick` for the
+    wall clock.
 
     Rules are compiled once into checks, and each device's checks (the rules in its scope,
     by type, id, site and room) are resolved on its first reading and again only when its
     registry record changes. Rate rules of one metric and window are evaluated together,
     and those of a device whose windows hold the same points share one list (each still
     has its own state and record). Keys of states that changed are collected in `changed`,
-    for the caller to persist (`records`).
+    for the caller to persist (`records`) and to give back after a restart (`restore`).
     """
 
     def __init__(
@@ -173,8 +191,14 @@ class RuleEngine:
         # Rules with a device type before those for any type, as they always were.
         ordered = sorted(self.rules, key=lambda rule: not rule.device_types)
         self._compiled = [
-            (rule, self._compile(rule)) for rule in ordered if not isinstance(rule, RateRule)
+            (rule, self._compile(rule))
+            for rule in ordered
+            if not isinstance(rule, RateRule | OfflineRule)
         ]
+        self._offline = [rule for rule in ordered if isinstance(rule, OfflineRule)]
+        self._offline_by_id = {rule.id: rule for rule in self._offline}
+        # Devices offline and not yet for their rule's `for`: the wall clock fires them.
+        self._waiting: dict[Key, OfflineRule] = {}
         rate_groups: dict[tuple[str, float], list[RateRule]] = {}
         for rule in ordered:
             if isinstance(rule, RateRule):
@@ -206,8 +230,40 @@ class RuleEngine:
                 self._apply(ready, alerts)
         return alerts
 
+    def evaluate_availability(self, records: Iterable[AvailabilityRecord]) -> list[Alert]:
+        """Take availability records, each device's in the order the bridge received them;
+        the alerts of the `offline` rules in scope of their devices."""
+        alerts: list[Alert] = []
+        if not self._offline:
+            return alerts
+        for record in records:
+            device_id = record["device_id"]
+            device = self.lookup(device_id)
+            # The record carries no type: the registry's, else the one of the device's readings.
+            known = self._plans.get(device_id)
+            device_type = (
+                device.type if device is not None else (known.device_type if known else "")
+            )
+            for rule, key in self._plan(device_id, device_type, device).offline:
+                self._availability(rule, key, record["online"], record["ts"], alerts)
+        return alerts
+
+    def restore(self, key: Key, state: RuleState | None) -> None:
+        """Take back a state read from its record (None: removed) after a restart."""
+        self._waiting.pop(key, None)
+        rule = self._offline_by_id.get(key[0])
+        # An offline device's state always has `since`; one without is a state of another
+        # kind of rule that had this id before, meaningless now.
+        if state is None or (rule is not None and state.since is None):
+            self.states.pop(key, None)
+            return
+        self.states[key] = state
+        if rule is not None and not state.firing:
+            self._waiting[key] = rule
+
     def tick(self, now_ms: int) -> list[Alert]:
-        """Release readings that waited out the grace, then check absence on the wall clock."""
+        """Release readings that waited out the grace, then check absence and offline
+        devices on the wall clock."""
         alerts: list[Alert] = []
         for buffer in self._buffers.values():
             for reading in buffer.release(now_ms):
@@ -219,6 +275,11 @@ class RuleEngine:
                     alert = self._absence_tick(rule, key, now_ms)
                     if alert is not None:
                         alerts.append(alert)
+        for key, offline in list(self._waiting.items()):
+            state = self.states[key]
+            assert state.since is not None
+            if now_ms - state.since >= offline.for_ * 1000:
+                alerts.append(self._offline_firing(offline, key, state))
         return alerts
 
     def records(self, keys: Iterable[Key]) -> Iterator[tuple[Key, bytes | None]]:
@@ -285,6 +346,11 @@ class RuleEngine:
                     for rule, _ in in_scope
                     if isinstance(rule, AbsenceRule)
                 ),
+                tuple(
+                    (rule, (rule.id, device_id))
+                    for rule in self._offline
+                    if _in_scope(rule, device_id, device_type, device)
+                ),
             )
         return plan
 
@@ -312,7 +378,8 @@ class RuleEngine:
             return self._threshold(rule)
         if isinstance(rule, StateRule):
             return self._state_check(rule)
-        assert isinstance(rule, AbsenceRule)  # rate rules are compiled by metric and window
+        # Rate rules are compiled by metric and window; offline rules take no readings.
+        assert isinstance(rule, AbsenceRule)
         return self._seen(rule)
 
     def _threshold(self, rule: ThresholdRule) -> _Check:
@@ -476,6 +543,48 @@ class RuleEngine:
         return Alert(
             rule.id, key[1], "firing", round(silent, 1), now_ms, f"no reading for {silent:.0f} s"
         )
+
+    def _availability(
+        self, rule: OfflineRule, key: Key, online: bool, ts: int, alerts: list[Alert]
+    ) -> None:
+        """An offline device starts the rule's `for` (or fires at once without one); an
+        online one resolves a firing alert. The state lives only while the device is offline."""
+        state = self.states.get(key)
+        if not online:
+            if state is not None:
+                return  # offline already (a repeated last will): since its first offline
+            state = self.states[key] = RuleState(since=ts)
+            self.changed.add(key)
+            if rule.for_:
+                self._waiting[key] = rule
+            else:
+                alerts.append(self._offline_firing(rule, key, state))
+            return
+        if state is None:
+            return
+        assert state.since is not None
+        if not state.firing and ts - state.since >= rule.for_ * 1000:
+            # Offline long enough, but no tick saw it (the engine was behind or down): the
+            # transition happened, so it is reported before the one that ends it.
+            alerts.append(self._offline_firing(rule, key, state))
+        if state.firing:
+            away = (ts - state.since) / 1000
+            alerts.append(
+                Alert(rule.id, key[1], "resolved", 1, ts, f"online again after {away:.0f} s")
+            )
+        del self.states[key]
+        self._waiting.pop(key, None)
+        self.changed.add(key)
+
+    def _offline_firing(self, rule: OfflineRule, key: Key, state: RuleState) -> Alert:
+        """Fire an offline rule whose device went offline at `state.since`; the alert's time
+        is when the device had been offline for `for` (value 0: offline)."""
+        assert state.since is not None
+        state.firing = True
+        self._waiting.pop(key, None)
+        self.changed.add(key)
+        message = f"offline for {rule.for_:g} s" if rule.for_ else "offline"
+        return Alert(rule.id, key[1], "firing", 0, state.since + int(rule.for_ * 1000), message)
 
 
 def _in_scope(rule: Rule, device_id: str, device_type: str, device: Device | None) -> bool:

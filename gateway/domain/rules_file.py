@@ -50,7 +50,7 @@ def _line(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
-    kinds = {"threshold", "absence", "rate", "state"}
+    kinds = {"threshold", "absence", "rate", "state", "offline"}
     parts = [p for p in loc if p not in kinds]
     text = ""
     for part in parts:

@@ -1,4 +1,5 @@
-"""`iotgw run rules`: the rule engine on iot.readings, alerts out, actions on firing."""
+"""`iotgw run rules`: the rule engine on iot.readings and iot.availability, alerts out,
+actions on firing."""
 
 from __future__ import annotations
 
@@ -25,8 +26,14 @@ from gateway.adapters.kafka import (
 from gateway.adapters.mqtt import connect
 from gateway.clock import now_ms
 from gateway.domain.backoff import Backoff
-from gateway.domain.records import CanonicalReading
-from gateway.domain.rules import Alert, RuleEngine, RuleState, decode_reading
+from gateway.domain.records import AvailabilityRecord, CanonicalReading
+from gateway.domain.rules import (
+    Alert,
+    RuleEngine,
+    RuleState,
+    decode_availability,
+    decode_reading,
+)
 from gateway.domain.rules_file import load_rules
 from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import HealthServer, RulesMetrics
@@ -66,7 +73,8 @@ def state_key(rule_id: str, device_id: str) -> bytes:
 
 
 class RulesService:
-    """Consumer group `iotgw-rules` on iot.readings; alerts to iot.alerts.
+    """Consumer group `iotgw-rules` on iot.readings and iot.availability (the `offline`
+    rules'); alerts to iot.alerts.
 
     Restart safety: each batch's alerts, the rule states it changed (compacted topic
     `iot.rules.state`) and the consumer offsets are written in one Kafka transaction.
@@ -125,6 +133,7 @@ class RulesService:
                 create_consumer(
                     self.settings,
                     self.topics.readings,
+                    self.topics.availability,
                     group_id=self.settings.rules_group,
                     committed_only=True,
                     max_partition_fetch_bytes=_FETCH_BYTES,
@@ -152,10 +161,10 @@ class RulesService:
         for record in records:
             rule_id, _, device_id = record.key.decode().partition("|")
             if record.value is None:
-                self.engine.states.pop((rule_id, device_id), None)
+                self.engine.restore((rule_id, device_id), None)
             elif rule_id in self.by_id:
-                self.engine.states[(rule_id, device_id)] = RuleState.from_dict(
-                    json.loads(record.value)
+                self.engine.restore(
+                    (rule_id, device_id), RuleState.from_dict(json.loads(record.value))
                 )
 
     async def _connect_mqtt(self) -> Client:
@@ -174,18 +183,27 @@ class RulesService:
             batches = await self._fetch(consumer)
             now = now_ms()
             readings: list[CanonicalReading] = []
+            availability: list[AvailabilityRecord] = []
             offsets: dict[TopicPartition, int] = {}
             fetched = 0
             for tp, records in batches.items():
-                for record in records:
-                    try:
-                        readings.append(decode_reading(record.value))
-                    except ValueError as exc:
-                        log.warning("reading_skipped", offset=record.offset, error=exc)
-                if records:
+                if tp.topic == self.topics.availability:
+                    for record in records:
+                        try:
+                            availability.append(decode_availability(record.value))
+                        except ValueError as exc:
+                            log.warning("availability_skipped", offset=record.offset, error=exc)
+                else:
+                    for record in records:
+                        try:
+                            readings.append(decode_reading(record.value))
+                        except ValueError as exc:
+                            log.warning("reading_skipped", offset=record.offset, error=exc)
                     fetched += len(records)
+                if records:
                     offsets[tp] = records[-1].offset + 1
             alerts = self.engine.evaluate_batch(readings, now)
+            alerts.extend(self.engine.evaluate_availability(availability))
             self.metrics.evaluated.inc(fetched)
             if time.monotonic() - last_tick >= _TICK_S:
                 last_tick = time.monotonic()

@@ -1,4 +1,5 @@
-"""The time-series writer: readings, alerts and dead letters from Kafka into InfluxDB."""
+"""The time-series writer: readings, availability, alerts and dead letters from Kafka into
+InfluxDB."""
 
 from __future__ import annotations
 
@@ -56,11 +57,14 @@ Encoded = tuple[Any, str]
 
 
 class PointEncoder:
-    """Turns records of iot.readings, iot.alerts and iot.readings.dlq into points.
+    """Turns records of iot.readings, iot.availability, iot.alerts and iot.readings.dlq into
+    points.
 
     - readings: measurement = the device type; tags device_id, site, room (from the
       registry); fields = the metrics, plus `seq` (integer) when the reading has one;
       time = the device's `ts`.
+    - availability: measurement `availability`; tags device_id, site, room (registry) and
+      source; field online (a boolean); time = the record's `ts` (when the bridge got it).
     - alerts: measurement `alerts`; tags rule, device_id, state, site, room; fields
       value (a float; booleans as 1.0/0.0) and message; time = the alert's `ts`.
     - dead letters: measurement `rejected`; tags reason, device_id; fields detail and
@@ -72,6 +76,7 @@ class PointEncoder:
         self._series: dict[tuple[str, str, str | None, str | None], str] = {}
         self._by_topic: dict[str, Callable[[Any], str]] = {
             topics.readings: self._reading,
+            topics.availability: self._availability,
             topics.alerts: self._alert,
         }
 
@@ -107,6 +112,17 @@ class PointEncoder:
         else:
             fields = f"{field_set(metrics)},seq={int(seq)}i"
         return f"{series} {fields} {int(reading['ts'])}"
+
+    def _availability(self, record: Any) -> str:
+        availability = from_json(record.value)
+        online = availability["online"]
+        if type(online) is not bool:
+            raise LineProtocolError("online is not a boolean")
+        device_id = availability["device_id"]
+        site, room = self._tags(device_id)
+        source = availability.get("source")
+        tags = {"device_id": device_id, "site": site, "room": room, "source": source}
+        return point(series_key("availability", tags), {"online": online}, availability["ts"])
 
     def _alert(self, record: Any) -> str:
         alert = from_json(record.value)
@@ -201,6 +217,7 @@ class Writer:
         self.encoder = PointEncoder(self.topics, self.registry.get)
         self._kinds = {
             self.topics.readings: "readings",
+            self.topics.availability: "availability",
             self.topics.alerts: "alerts",
             self.topics.dead_letters: "rejected",
         }
@@ -239,6 +256,7 @@ class Writer:
                 create_consumer(
                     self.settings,
                     self.topics.readings,
+                    self.topics.availability,
                     self.topics.alerts,
                     self.topics.dead_letters,
                     group_id=self.settings.writer_group,

@@ -1,6 +1,6 @@
 """Grafana dashboards: well formed, on the provisioned datasource, and every query returns
 rows from a real InfluxDB that holds simulated readings (of every built-in type and a
-user-defined one), alerts and dead letters."""
+user-defined one), availability, alerts and dead letters."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import create_producer, produce
 from gateway.clock import now_ms
 from gateway.domain.ratelimit import RateLimiter
+from gateway.domain.records import AvailabilityRecord
 from gateway.domain.validation import Accepted, ReadingValidator
 from gateway.settings import Settings
 from gateway.topics import Topics, telemetry_topic
@@ -115,7 +116,7 @@ def test_device_detail_has_a_panel_per_metric_of_every_type() -> None:
     device = LOADED["device-detail"]
     titles = {p["title"] for p in panels(device)}
     expected = {f"{t}: {m}" for t, metrics in FULL_METRICS.items() for m in metrics}
-    assert titles == expected | {"$type: every number", "$type: latest"}
+    assert titles == expected | {"$type: every number", "$type: latest", "online / offline"}
     assert [v["name"] for v in device["templating"]["list"]] == ["device", "type"]
 
 
@@ -129,7 +130,8 @@ def types_file(tmp_path: Path) -> Path:
 
 async def simulated(settings: Settings, types_file: Path) -> tuple[Settings, dict[str, str]]:
     """A database filled through the real writer: a device of every type, built-in or of the
-    types file, alerts, dead letters."""
+    types file, availability (the contact sensor offline, the others online), alerts, dead
+    letters."""
     s = await own_settings(settings, writer_flush_interval_s=0.2, types_file=types_file)
     every_type = FULL_METRICS | USER_METRICS
     devices = {t: unique(t.replace("_", "-")) for t in every_type}
@@ -152,6 +154,9 @@ async def simulated(settings: Settings, types_file: Path) -> tuple[Settings, dic
     ]
     await produce(s, topics.readings, readings)
     contact = devices["contact"]
+    await produce(s, topics.availability, [
+        availability_record(d, d != contact, t0 + 1000) for d in devices.values()
+    ])  # fmt: skip
     alert = {"rule": "door-left-open", "device_id": contact, "state": "firing", "value": True,
              "ts": t0, "message": "open for 10m"}  # fmt: skip
     await produce(s, topics.alerts, [(contact.encode(), json.dumps(alert).encode())])
@@ -170,7 +175,14 @@ async def simulated(settings: Settings, types_file: Path) -> tuple[Settings, dic
         await until_points(s, "alerts", 1, field="message")
         await until_points(s, "rejected", 1, field="bytes")
         await until_points(s, "iotgw_writer", 1, field="lag")
+        await until_points(s, "availability", len(devices), field="online")
     return s, devices
+
+
+def availability_record(device_id: str, online: bool, ts: int) -> tuple[bytes, bytes]:
+    """A record of iot.availability as the bridge writes it."""
+    record = AvailabilityRecord(device_id=device_id, online=online, ts=ts, source="envelope")
+    return device_id.encode(), json.dumps(record).encode()
 
 
 def substitute(query: str, device: str, device_type: str = "none") -> str:
@@ -195,6 +207,8 @@ async def type_variable(settings: Settings, device: str) -> list[str]:
 async def test_every_panel_query_returns_rows(settings: Settings, types_file: Path) -> None:
     """Each panel's InfluxQL returns rows from real data; `$type`'s for a device of every type."""
     own, devices = await simulated(settings, types_file)
+    # The device whose points a query of a measurement without a device type shows.
+    shown = {**devices, "availability": devices["contact"]}
     checked = 0
     for name, dashboard in LOADED.items():
         for panel in panels(dashboard):
@@ -208,7 +222,7 @@ async def test_every_panel_query_returns_rows(settings: Settings, types_file: Pa
                         checked += 1
                     continue
                 measurement = re.search(r'FROM "(\w+)"', target["query"])
-                device = devices.get(measurement.group(1), "none") if measurement else "none"
+                device = shown.get(measurement.group(1), "none") if measurement else "none"
                 rows = await influx_rows(own, substitute(target["query"], device))
                 assert rows, f"{name}: {panel['title']} returned nothing"
                 checked += 1
@@ -295,3 +309,40 @@ async def test_generic_panels_show_every_metric_of_a_user_defined_type(
         "time", "last_leak", "last_moisture_pct", "last_temperature_c", "last_tips",
     ]  # fmt: skip
     assert series["values"][0][1:] == [False, 45.5, 13.0, 5]
+
+
+def fleet_online_queries() -> list[str]:
+    """The fleet overview's "Devices online per site" queries: online first, then offline."""
+    [panel] = [
+        p for p in panels(LOADED["fleet-overview"]) if p["title"] == "Devices online per site"
+    ]
+    return [target["query"] for target in panel["targets"]]
+
+
+async def test_online_per_site_counts_each_devices_latest_availability(settings: Settings) -> None:
+    """The fleet panel counts each device by what it said last (hours ago counts too), per
+    site; the device panel shows one device's online/offline changes in the time range."""
+    own = await own_settings(settings, writer_flush_interval_s=0.2)
+    steady, gone, flapping, office = (unique(name) for name in ("steady", "gone", "flap", "office"))
+    await register(own, *(
+        Device(device_id=d, type="smart_plug", registered_at=0, site=site)
+        for d, site in [(steady, "home"), (gone, "home"), (flapping, "home"), (office, "office")]
+    ))  # fmt: skip
+    hours_ago, minutes_ago = now_ms() - 3 * 3600_000, now_ms() - 30 * 60_000
+    said = [(steady, True, hours_ago), (gone, True, hours_ago), (flapping, True, hours_ago),
+            (office, True, hours_ago), (gone, False, hours_ago + 60_000),
+            (flapping, False, minutes_ago), (flapping, True, minutes_ago + 600_000)]  # fmt: skip
+    await produce(own, Topics(own.topic_prefix).availability, [
+        availability_record(device, online, ts) for device, online, ts in said
+    ])  # fmt: skip
+    async with running_writer(own):
+        await until_points(own, "availability", len(said), field="online")
+    counts = []
+    async with InfluxClient(str(own.influx_url), auth=own.influx_auth) as influx:
+        for query in fleet_online_queries():
+            [result] = await influx.query(substitute(query, "none"), db=own.influx_db)
+            counts.append({s["tags"]["site"]: s["values"][0][1] for s in result["series"]})
+    assert counts == [{"home": 2, "office": 1}, {"home": 1}]
+    [timeline] = [p for p in panels(LOADED["device-detail"]) if p["title"] == "online / offline"]
+    rows = await influx_rows(own, substitute(timeline["targets"][0]["query"], flapping))
+    assert rows == [[minutes_ago, False], [minutes_ago + 600_000, True]]
