@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import tomllib
 from dataclasses import dataclass
@@ -42,11 +43,16 @@ __all__ = [
 ENV_PREFIX = "IOTGW_"
 CONFIG_FILE = "iotgw.toml"
 
-ServiceName = Literal["bridge", "writer", "rules"]
+ServiceName = Literal["bridge", "writer", "rules", "state"]
 
-# Each service serves Prometheus metrics and health on its own port, so the three
-# can run side by side on one host (DESIGN.md, "Configuration").
-DEFAULT_METRICS_PORTS: dict[ServiceName, int] = {"bridge": 9108, "writer": 9109, "rules": 9110}
+# Each service serves Prometheus metrics and health on its own port, so they can run
+# side by side on one host (DESIGN.md, "Configuration").
+DEFAULT_METRICS_PORTS: dict[ServiceName, int] = {
+    "bridge": 9108,
+    "writer": 9109,
+    "rules": 9110,
+    "state": 9111,
+}
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,8 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]{1,200}$",
     )
     writer_group: str = Field(default="iotgw-writer", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    # The last-known state service's consumer group (iot.readings and iot.availability).
+    state_group: str = Field(default="iotgw-state", pattern=r"^[A-Za-z0-9._-]{1,100}$")
     # Writer: a batch is written when it holds this many points or is this old.
     writer_batch_size: int = Field(default=5000, ge=1, le=100_000)
     writer_flush_interval_s: float = Field(default=1.0, gt=0, le=60)
@@ -219,9 +227,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_groups(self) -> Settings:
-        # In one group the writer and the rules engine would split the readings between them.
-        if self.writer_group == self.rules_group:
-            raise ValueError("IOTGW_WRITER_GROUP and IOTGW_RULES_GROUP must differ")
+        # In one group two services would split the readings between them.
+        groups = {
+            "IOTGW_WRITER_GROUP": self.writer_group,
+            "IOTGW_RULES_GROUP": self.rules_group,
+            "IOTGW_STATE_GROUP": self.state_group,
+        }
+        for (name, group), (other, other_group) in itertools.combinations(groups.items(), 2):
+            if group == other_group:
+                raise ValueError(f"{name} and {other} must differ")
         return self
 
     @model_validator(mode="after")

@@ -93,11 +93,12 @@ class ServiceProcess:
     """`iotgw run SERVICE` as its own process, configured by `settings` through its
     environment (Settings.environment()), ready once its `/readyz` answers 200.
 
-    Its metrics and health listen on a port of its own (`run all`: three, one a service).
+    Its metrics and health listen on a port of its own (`run all`: four, one a service:
+    bridge, writer, rules engine, state).
     """
 
     def __init__(self, service: str, settings: Settings, log: Path, *options: str) -> None:
-        services = 3 if service == "all" else 1
+        services = 4 if service == "all" else 1
         port = free_ports(services)
         self.settings = settings.model_copy(update={"metrics_port": port})
         self.urls = [f"http://127.0.0.1:{port + n}" for n in range(services)]

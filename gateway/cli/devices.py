@@ -1,9 +1,11 @@
-"""`iotgw devices ...`: register, list, show, enable, disable, remove and import devices."""
+"""`iotgw devices ...`: register, list, show, enable, disable, remove and import devices,
+and rebuild their last-known state."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,8 +19,10 @@ from gateway.cli.stack import devstack
 from gateway.cli.terminal import console, errors
 from gateway.clock import now_ms
 from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
+from gateway.domain.records import DeviceState, MetricValue
 from gateway.errors import IotgwError
 from gateway.services.registry import DeviceRegistry, RegistryWriter
+from gateway.services.state import read_states, rebuild_states
 from gateway.settings import Settings, load_settings
 from schemas import Device
 
@@ -70,10 +74,39 @@ def _time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _device_table(devices: list[Device]) -> Table:
+def _span(ms: int) -> str:
+    seconds = ms // 1000
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 120 * 60:
+        return f"{seconds // 60} min"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} d"
+
+
+def _age(ms: int, now: int) -> str:
+    """How long ago `ms` was: `12 s ago`, `3 min ago`; a device clock ahead is `... ahead`."""
+    return f"{_span(now - ms)} ago" if ms <= now else f"{_span(ms - now)} ahead"
+
+
+def _online(state: DeviceState | None) -> str:
+    if state is None or state["online"] is None:
+        return "unknown"
+    return "online" if state["online"] else "offline"
+
+
+def _device_table(
+    devices: list[Device], states: dict[str, DeviceState] | None = None, now: int = 0
+) -> Table:
+    """The registry's fields; with `states`, whether each device is online and when it
+    was last seen."""
     table = Table("device_id", "type", "name", "site", "room", "tz", "enabled", "registered")
+    if states is not None:
+        table.add_column("online")
+        table.add_column("last seen")
     for d in devices:
-        table.add_row(
+        row = [
             d.device_id,
             d.type,
             d.name or "",
@@ -82,8 +115,52 @@ def _device_table(devices: list[Device]) -> Table:
             d.tz or "",
             "yes" if d.enabled else "[red]no[/red]",
             _time(d.registered_at),
-        )
+        ]
+        if states is not None:
+            state = states.get(d.device_id)
+            last_seen = state["last_seen"] if state is not None else None
+            row += [_online(state), "never" if last_seen is None else _age(last_seen, now)]
+        table.add_row(*row)
     return table
+
+
+def _site_counts(devices: list[Device], states: dict[str, DeviceState]) -> Table:
+    """Devices online, offline and unknown (never said), per site."""
+    counts: dict[str, Counter[str]] = {}
+    for d in devices:
+        counts.setdefault(d.site or "(none)", Counter())[_online(states.get(d.device_id))] += 1
+    table = Table("site")
+    for column in ("online", "offline", "unknown"):
+        table.add_column(column, justify="right")
+    for site, count in sorted(counts.items()):
+        table.add_row(site, str(count["online"]), str(count["offline"]), str(count["unknown"]))
+    return table
+
+
+def _value(value: MetricValue) -> str:
+    return json.dumps(value)
+
+
+def _print_state(state: DeviceState | None, now: int) -> None:
+    """Online or offline since when, last seen, and each metric's value and age."""
+    if state is None:
+        console.print("state      none yet: no reading or availability message merged")
+        return
+    if state["online"] is None or state["online_since"] is None:
+        status = "unknown: no availability message yet"
+    else:
+        since = state["online_since"]
+        status = f"{_online(state)} since {_time(since)} ({_age(since, now)})"
+    last_seen = state["last_seen"]
+    seen = "never" if last_seen is None else f"{_time(last_seen)} ({_age(last_seen, now)})"
+    console.print(f"status     {status}\nlast seen  {seen}", highlight=False, markup=False)
+    metrics = Table.grid(padding=(0, 2))
+    metrics.add_column(justify="right")
+    metrics.add_column()
+    metrics.add_column()
+    for name, metric in sorted(state["metrics"].items()):
+        metrics.add_row(_value(metric["value"]), name, _age(metric["ts"], now))
+    console.print(metrics, highlight=False)
 
 
 def _print_json(value: object) -> None:
@@ -227,12 +304,21 @@ def register(
 def list_devices(
     device_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+    status: Annotated[
+        bool,
+        typer.Option(
+            "--status",
+            help="Add online and last seen (iot.devices.state), and the counts per site.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """List registered devices, sorted by id."""
 
-    async def work(settings: Settings, registry: DeviceRegistry) -> list[Device]:
-        return sorted(
+    async def work(
+        settings: Settings, registry: DeviceRegistry
+    ) -> tuple[list[Device], dict[str, DeviceState] | None]:
+        devices = sorted(
             (
                 d
                 for d in registry
@@ -241,29 +327,57 @@ def list_devices(
             ),
             key=lambda d: d.device_id,
         )
+        return devices, await read_states(settings) if status else None
 
-    devices = _run_with_registry(work)
+    devices, states = _run_with_registry(work)
     if as_json:
-        _print_json([d.model_dump(mode="json") for d in devices])
+        _print_json(
+            [
+                d.model_dump(mode="json")
+                | ({} if states is None else {"state": states.get(d.device_id)})
+                for d in devices
+            ]
+        )
     elif devices:
-        console.print(_device_table(devices))
+        console.print(_device_table(devices, states, now_ms()))
         console.print(f"{len(devices)} device(s)")
+        if states is not None:
+            console.print(_site_counts(devices, states))
     else:
         console.print("no devices")
 
 
 @devices_app.command("show")
 def show(device_id: DeviceIdArg, as_json: JsonOption = False) -> None:
-    """Show one device."""
+    """Show one device: its registry record and its last-known state (iot.devices.state)."""
 
-    async def work(settings: Settings, registry: DeviceRegistry) -> Device:
-        return _existing(registry, device_id)
+    async def work(
+        settings: Settings, registry: DeviceRegistry
+    ) -> tuple[Device, DeviceState | None]:
+        device = _existing(registry, device_id)
+        return device, (await read_states(settings)).get(device_id)
 
-    device = _run_with_registry(work)
+    device, state = _run_with_registry(work)
     if as_json:
-        _print_json(device.model_dump(mode="json"))
+        _print_json(device.model_dump(mode="json") | {"state": state})
     else:
         console.print(_device_table([device]))
+        _print_state(state, now_ms())
+
+
+@devices_app.command("state-rebuild")
+def state_rebuild() -> None:
+    """Rebuild every device's last-known state from iot.readings and iot.availability, read
+    from their beginning (stop `iotgw run state` first)."""
+    settings = load_settings()
+    with console.status("merging iot.readings and iot.availability from their beginning"):
+        rebuilt = asyncio.run(rebuild_states(settings))
+    skipped = f", skipped {rebuilt.skipped} bad record(s)" if rebuilt.skipped else ""
+    console.print(
+        f"rebuilt the state of {rebuilt.devices} device(s) from {rebuilt.readings} reading(s) "
+        f"and {rebuilt.availability} availability record(s){skipped}",
+        highlight=False,
+    )
 
 
 def _set_enabled(device_id: str, enabled: bool, *, quiet: bool = False) -> Settings:

@@ -12,6 +12,7 @@ from gateway.errors import IotgwError
 from gateway.services.bridge.session import Bridge
 from gateway.services.rules import RulesService
 from gateway.services.runtime import serve
+from gateway.services.state import StateService
 from gateway.services.writer import Writer
 from gateway.settings import Settings, load_settings
 
@@ -54,18 +55,29 @@ def run_rules() -> None:
     serve(RulesService(settings).run, settings.log_format)
 
 
+@run_app.command("state")
+def run_state() -> None:
+    """Each device's last-known state (iot.devices.state), merged from its readings and
+    availability."""
+    settings = load_settings()
+    serve(StateService(settings).run, settings.log_format)
+
+
 @run_app.command("all")
 def run_all() -> None:
-    """The bridge, the writer and the rules engine in one process (small sites, the demo)."""
+    """The bridge, the writer, the rules engine and the state in one process (small sites,
+    the demo)."""
     settings = load_settings()
     serve(functools.partial(run_services, settings), settings.log_format)
 
 
 async def run_services(settings: Settings, stop: asyncio.Event) -> None:
-    """The bridge, the writer and the rules engine in one process, stopped together."""
+    """The bridge, the writer, the rules engine and the state in one process, stopped
+    together."""
 
     def port(offset: int) -> Settings:
-        # One fixed port given: the writer takes the next one, the rules engine the one after.
+        # One fixed port given: the writer takes the next one, the rules engine the one
+        # after, the state service the one after that.
         if not settings.metrics_port:
             return settings
         return settings.model_copy(update={"metrics_port": settings.metrics_port + offset})
@@ -76,6 +88,7 @@ async def run_services(settings: Settings, stop: asyncio.Event) -> None:
             group.create_task(Bridge(settings).run(stop))
             group.create_task(Writer(port(1)).run(stop))
             group.create_task(rules.run(stop))
+            group.create_task(StateService(port(3)).run(stop))
     except ExceptionGroup as failed:
         first = failed.exceptions[0]
         if isinstance(first, IotgwError):

@@ -47,4 +47,7 @@ class DeviceState(TypedDict):
     metrics: dict[str, MetricState]
     last_seen: int | None
     online: bool | None
-    online_ts: int | None  # when `online` last changed or was said, epoch ms
+    online_ts: int | None  # the newest availability record's ts, epoch ms
+    # When `online` changed to what it is: a broker or bridge restart sends retained
+    # availability messages again, which move `online_ts` but not this.
+    online_since: int | None

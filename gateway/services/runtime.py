@@ -31,6 +31,7 @@ __all__ = [
     "HealthServer",
     "LoopHistogram",
     "RulesMetrics",
+    "StateMetrics",
     "WriterMetrics",
     "configure_logging",
     "route_logs_to_stdlib",
@@ -195,9 +196,26 @@ class BridgeMetrics:
         self.published = Counter(
             "iotgw_bridge_readings_published", "readings acknowledged by Kafka", registry=r
         )
+        self.held = Counter(
+            "iotgw_bridge_messages_held",
+            "messages of unknown devices held for approval (acknowledged by Kafka)",
+            registry=r,
+        )
+        self.pending_devices = Gauge(
+            "iotgw_bridge_pending_devices",
+            "devices whose messages are held for approval",
+            registry=r,
+        )
         self.availability = Counter(
             "iotgw_bridge_availability_published",
             "availability messages (online/offline) acknowledged by Kafka",
+            registry=r,
+        )
+        self.availability_ignored = Counter(
+            "iotgw_bridge_availability_ignored",
+            "availability messages of devices neither registered nor pending, or disabled, "
+            "or without a valid id (retained ones outlive their devices), by reason",
+            ["reason"],
             registry=r,
         )
         self.rejected = Counter(
@@ -311,6 +329,30 @@ class RulesMetrics:
         self.lag = Gauge(
             "iotgw_rules_consumer_lag", "readings in Kafka not yet evaluated", registry=r
         )
+
+
+class StateMetrics:
+    """The last-known state service's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.merged = Counter(
+            "iotgw_state_records_merged", "records merged into the state, by topic kind",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        for kind in ("readings", "availability"):
+            self.merged.labels(kind)
+        self.skipped = Counter(
+            "iotgw_state_records_skipped",
+            "records that are not readings or availability records, skipped",
+            registry=r,
+        )
+        self.written = Counter(
+            "iotgw_state_states_written", "device states acknowledged by Kafka", registry=r
+        )
+        self.devices = Gauge("iotgw_state_devices", "devices with a state", registry=r)
+        self.lag = Gauge("iotgw_state_consumer_lag", "records in Kafka not yet merged", registry=r)
 
 
 class _QuietHandler(WSGIRequestHandler):

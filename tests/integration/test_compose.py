@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 COMPOSE = stack.PROJECT_ROOT / "compose"
 ENV_EXAMPLE = COMPOSE / ".env.example"
 IOTGW_SERVICES = {
-    "broker-init", "admin", "topics", "bridge", "writer", "rules", "simulator",
+    "broker-init", "admin", "topics", "bridge", "writer", "rules", "state", "simulator",
 }  # fmt: skip
 ALL_SERVICES = IOTGW_SERVICES | {"mosquitto", "kafka", "kafka-2", "kafka-3", "influxdb", "grafana"}
 
@@ -145,7 +145,7 @@ def test_iotgw_services_log_in_on_tls_and_one_bridge_keeps_the_order(
     assert "IOTGW_MQTT_SHARE_GROUP" not in bridge
     assert int(bridge["IOTGW_BRIDGE_WORKERS"]) >= 1
     assert not [name for name in services if name.startswith("bridge-")]
-    for name in ("bridge", "writer", "rules", "mosquitto", "kafka", "influxdb"):
+    for name in ("bridge", "writer", "rules", "state", "mosquitto", "kafka", "influxdb"):
         assert services[name]["restart"] == "unless-stopped"
         assert "healthcheck" in services[name], name
 
