@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
 from gateway.domain.deadletters import DETAIL_MAX, Reason
+from gateway.domain.pending import PendingBook
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import AvailabilityRecord, CanonicalReading
 from gateway.domain.sources import Adapter, SourceError, SourceReading, Sources, infer_type
@@ -30,6 +31,7 @@ __all__ = [
     "ENVELOPE",
     "READING_SCHEMA",
     "Accepted",
+    "Held",
     "Outcome",
     "Presence",
     "ReadingValidator",
@@ -78,7 +80,19 @@ class Presence:
     value: bytes
 
 
-Outcome = Accepted | Rejected | Presence
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A message of a device awaiting approval: kept as it came in `iot.readings.pending`."""
+
+    device_id: str
+    original: bytes
+    mqtt_topic: str
+    received_at: int
+    source: str  # the device source's name, or ENVELOPE
+    kind: str | None  # the type it looks like, if it tells
+
+
+Outcome = Accepted | Rejected | Presence | Held
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -111,6 +125,9 @@ class ReadingValidator:
         sources: Sources | None = None,
         catalogue: TypeCatalogue = BUILTIN_CATALOGUE,
         default_tz: str = "UTC",
+        pending: PendingBook | None = None,
+        unknown_devices: str = "reject",
+        pending_max_devices: int = 10_000,
     ) -> None:
         self._lookup = lookup
         self._require_registration = require_registration
@@ -123,9 +140,28 @@ class ReadingValidator:
         self._default_tz = default_tz
         self.by_source: Counter[str] = Counter()
         self.ignored: Counter[tuple[str, str]] = Counter()
+        self.presence_ignored: Counter[str] = Counter()
         self._ignored_names: dict[str, set[str]] = {}
         self._inferred: dict[str, str] = {}
         self._last_gateway_ts: dict[str, int] = {}
+        # Pending devices (`pending`, None: none are held): the sources whose unknown devices
+        # are held, how many devices at most; a replay of held messages is judged once more
+        # (`replaying`), without holding or rate-limiting them again.
+        self.pending = pending
+        self._holding = self.sources.holding(unknown_devices) | (
+            {ENVELOPE} if unknown_devices == "hold" else set()
+        )
+        self._pending_max_devices = pending_max_devices
+        self._replaying = False
+
+    def replay(self, topic: str, payload: bytes, received_at: int) -> list[Outcome]:
+        """The outcomes of a held message, its device approved: judged as if it came now,
+        except that it is neither held again nor rate-limited (it was, when it came)."""
+        self._replaying = True
+        try:
+            return self.process(topic, payload, received_at)
+        finally:
+            self._replaying = False
 
     def process(
         self, topic: str, payload: bytes, received_at: int, size: int | None = None
@@ -138,12 +174,12 @@ class ReadingValidator:
 
         device_id = _valid_device_id(topic)
         if device_id is None and (status := status_device_id(topic)) is not None:
-            return [self._presence(ENVELOPE, status, topic, payload, received_at, reject)]
+            return self._presence(ENVELOPE, status, topic, payload, received_at, reject)
         if device_id is None and self.sources:
             presence = self.sources.presence_route(topic)
             if presence is not None:
                 adapter, source_device = presence
-                return [self._presence(adapter, source_device, topic, payload, received_at, reject)]
+                return self._presence(adapter, source_device, topic, payload, received_at, reject)
             route = self.sources.route(topic)
             if route is not None:
                 adapter, source_device = route
@@ -160,6 +196,10 @@ class ReadingValidator:
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
         if (too_large := _too_large(payload, size)) is not None:
             return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
+        if self._may_hold(ENVELOPE, device_id):
+            held = self._hold(ENVELOPE, None, device_id, topic, payload, received_at, reject)
+            if held is not None:
+                return [held]
         if payload.lstrip()[:1] == b"{":
             # One reading, the common case: parsed and validated in one pass, in Rust.
             try:
@@ -201,15 +241,18 @@ class ReadingValidator:
         payload: bytes,
         received_at: int,
         reject: Callable[[str | None, Reason, str, bytes], Rejected],
-    ) -> Outcome:
-        """An availability message (our `devices/{id}/status` when `source` is ENVELOPE):
-        a record for `iot.availability` if its device may speak, else a dead letter."""
+    ) -> list[Outcome]:
+        """An availability message (our `devices/{id}/status` when `source` is ENVELOPE): a
+        record for `iot.availability` if its device is registered and enabled, or awaits
+        approval; a dead letter if it says neither online nor offline. Other devices' are
+        counted in `presence_ignored` and left: brokers keep availability messages
+        (retained) long after a device is gone, and hand them to every new subscription."""
         original = payload[:MAX_PAYLOAD_BYTES]
         if not is_device_id(device_id):
-            detail = f"topic {topic[:100]!r} names no valid device id"
-            return reject(None, Reason.UNKNOWN_DEVICE, detail, original)
+            self.presence_ignored["invalid_id"] += 1
+            return []
         if len(payload) > MAX_PAYLOAD_BYTES:
-            return reject(device_id, Reason.TOO_LARGE, _too_large(payload, None) or "", original)
+            return [reject(device_id, Reason.TOO_LARGE, _too_large(payload, None) or "", original)]
         try:
             if isinstance(source, str):
                 name = source
@@ -218,30 +261,105 @@ class ReadingValidator:
                 name = source.name
                 online = source.presence(payload)
         except SourceError as exc:
-            return reject(device_id, exc.reason, exc.detail, payload)
+            return [reject(device_id, exc.reason, exc.detail, payload)]
         device = self._lookup(device_id)
         if device is None and self._require_registration:
-            detail = f"device {device_id} is not registered"
-            return reject(device_id, Reason.UNKNOWN_DEVICE, detail, payload)
-        if device is not None and not device.enabled:
-            detail = f"device {device_id} is disabled"
-            return reject(device_id, Reason.DEVICE_DISABLED, detail, payload)
+            if self.pending is None or device_id not in self.pending.devices:
+                self.presence_ignored[Reason.UNKNOWN_DEVICE.value] += 1
+                return []
+        elif device is not None and not device.enabled:
+            self.presence_ignored[Reason.DEVICE_DISABLED.value] += 1
+            return []
         if not self._limiter.allow(device_id, self._clock()):
             detail = f"over {self._limiter.rate:g} messages/s (burst {self._limiter.burst:g})"
-            return reject(device_id, Reason.RATE_LIMITED, detail, payload)
+            return [reject(device_id, Reason.RATE_LIMITED, detail, payload)]
         record: AvailabilityRecord = {
             "device_id": device_id,
             "online": online,
             "ts": received_at,
             "source": name,
         }
-        return Presence(device_id, to_json(record))
+        return [Presence(device_id, to_json(record))]
 
-    def take_counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-        """Readings by source and ignored fields by (source, field) since last taken."""
-        counts = dict(self.by_source), dict(self.ignored)
+    def _may_hold(self, source: str, device_id: str) -> bool:
+        """Whether a message might be held (cheap: most are not, and go on at once)."""
+        pending = self.pending
+        return (
+            pending is not None
+            and not self._replaying
+            and (source in self._holding or device_id in pending.devices)
+        )
+
+    def _hold(
+        self,
+        source: str,
+        adapter: Adapter | None,
+        device_id: str,
+        topic: str,
+        payload: bytes,
+        received_at: int,
+        reject: Callable[[str | None, Reason, str, bytes], Rejected],
+    ) -> Held | Rejected | None:
+        """A message to hold, as its device awaits approval (or a dead letter when no more
+        devices may wait); None if it is judged as usual. A device with held messages has
+        every later one held too, registered meanwhile or not, until its held ones are
+        replayed: so they reach `iot.readings` before it, in its order."""
+        pending = self.pending
+        assert pending is not None
+        if device_id not in pending:
+            if (
+                source not in self._holding
+                or not self._require_registration
+                or not is_device_id(device_id)
+                or self._lookup(device_id) is not None
+            ):
+                return None
+            if len(pending) >= self._pending_max_devices:
+                detail = (
+                    f"device {device_id} is not registered and {len(pending)} devices already "
+                    "await approval (IOTGW_PENDING_MAX_DEVICES)"
+                )
+                return reject(device_id, Reason.UNKNOWN_DEVICE, detail, payload)
+        if not self._limiter.allow(device_id, self._clock()):
+            detail = f"over {self._limiter.rate:g} readings/s (burst {self._limiter.burst:g})"
+            return reject(device_id, Reason.RATE_LIMITED, detail, payload)
+        kind = self._held_type(adapter, device_id, topic, payload)
+        pending.note_held(device_id, received_at, source, kind)
+        return Held(device_id, payload, topic, received_at, source, kind)
+
+    def _held_type(
+        self, adapter: Adapter | None, device_id: str, topic: str, payload: bytes
+    ) -> str | None:
+        """The type a held message tells (an envelope's `type`, a source's inferred one)."""
+        if adapter is None:
+            try:
+                document = from_json(payload, allow_inf_nan=False)
+            except ValueError:
+                return None
+            first = document[0] if isinstance(document, list) and document else document
+            kind = first.get("type") if isinstance(first, dict) else None
+            return kind if isinstance(kind, str) and self.catalogue.get(kind) is not None else None
+        known = self._inferred.get(device_id)
+        if known is not None:
+            return known
+        try:
+            readings = adapter.decode(topic, payload)
+        except (SourceError, ArithmeticError, ValueError):
+            return None
+        for found in readings:
+            if found.device_id == device_id:
+                return self._inferred_type(adapter, found)
+        return None
+
+    def take_counts(
+        self,
+    ) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, int]]:
+        """Readings by source, ignored fields by (source, field) and ignored availability
+        messages by reason since last taken."""
+        counts = dict(self.by_source), dict(self.ignored), dict(self.presence_ignored)
         self.by_source.clear()
         self.ignored.clear()
+        self.presence_ignored.clear()
         return counts
 
     def _process_source(
@@ -259,6 +377,10 @@ class ReadingValidator:
         an envelope reading."""
         if (too_large := _too_large(payload, size)) is not None:
             return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
+        if self._may_hold(adapter.name, device_id):
+            held = self._hold(adapter.name, adapter, device_id, topic, payload, received_at, reject)
+            if held is not None:
+                return [held]
         try:
             readings = adapter.decode(topic, payload)
         except SourceError as exc:
@@ -424,7 +546,7 @@ class ReadingValidator:
         if ts < received_at - self._max_age_ms:
             detail = f"ts is {(received_at - ts) / 1000:.0f} s old, over the maximum age"
             return reject(device_id, Reason.CLOCK_SKEW, detail, original)
-        if not self._limiter.allow(device_id, self._clock()):
+        if not self._replaying and not self._limiter.allow(device_id, self._clock()):
             detail = f"over {self._limiter.rate:g} readings/s (burst {self._limiter.burst:g})"
             return reject(device_id, Reason.RATE_LIMITED, detail, original)
         # Metrics keep the schema's types (a JSON 21 for a float field is 21.0, so InfluxDB

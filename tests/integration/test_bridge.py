@@ -204,7 +204,10 @@ async def test_a_share_group_makes_a_shared_subscription_with_a_warning(
             running_bridge(s) as bridge,
             TopicReader(s, Topics(s.topic_prefix).readings) as readings,
         ):
-            assert bridge.subscriptions == (f"$share/{s.mqtt_share_group}/devices/+/telemetry",)
+            group = f"$share/{s.mqtt_share_group}"
+            assert bridge.subscriptions == (
+                f"{group}/devices/+/telemetry", f"{group}/devices/+/status",
+            )  # fmt: skip
             async with DevicePublisher(s.mqtt.host, s.mqtt.port) as device:
                 await device.publish(f"devices/{device_id}/telemetry", reading_payload(seq=1))
             await readings.wait_for(1)

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from gateway.services.bridge.session import Bridge, owner
+from gateway.domain.sources import parse_sources
+from gateway.services.bridge.routing import owner
+from gateway.services.bridge.session import Bridge
 from gateway.settings import Settings
 from tests.raw_mqtt import ScriptedBroker, publish
 from tests.support import running, until
@@ -41,6 +43,7 @@ class MemoryWorker:
         stats = {
             "readings": len(indices), "published": len(indices), "rejected": {}, "retries": 0,
             "newest_ts": 0, "sources": {}, "ignored": {}, "availability": 0,
+            "availability_ignored": {}, "held": 0, "pending_devices": 0,
         }  # fmt: skip
         self._frames.put_nowait(("done", indices, stats))
 
@@ -100,3 +103,13 @@ async def test_each_worker_gets_its_devices_and_pubacks_keep_arrival_order() -> 
         assert topics == [f"devices/{d}/telemetry" for d in order if d in mine]
         indices = [index for index, *_ in worker.received]
         assert indices == sorted(indices)
+
+
+def test_a_device_s_status_goes_to_the_worker_of_its_readings() -> None:
+    """`devices/{id}/status` and a source's availability topic route like the device's readings."""
+    sources = parse_sources("sources:\n  - {adapter: tasmota}\n")
+    for device in ("plug-1", "hall", "tasmota_0A1B2C"):
+        assert owner(f"devices/{device}/status", 7) == owner(f"devices/{device}/telemetry", 7)
+    assert owner("tele/tasmota_0A1B2C/LWT", 7, sources) == owner(
+        "tele/tasmota_0A1B2C/SENSOR", 7, sources
+    )

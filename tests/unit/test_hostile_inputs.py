@@ -4,16 +4,18 @@ becomes valid readings or dead letters with a reason of DESIGN.md."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.clock import now_ms
+from gateway.domain.pending import PendingBook
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.sources import parse_sources
-from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
-from schemas import Device, DeviceType
+from gateway.domain.validation import Accepted, Held, Outcome, ReadingValidator, Rejected
+from schemas import Device, DeviceType, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES, READING
 from tests.hostile import NASTY_TEXT, REASONS, nasty_corpus, payloads
 
@@ -131,6 +133,19 @@ _FIELDS = st.sampled_from([
 ])  # fmt: skip
 
 
+def source_validator(registry: dict[str, Device], **options: Any) -> ReadingValidator:
+    """A validator of the sources' messages (their examples are years old: any age goes)."""
+    return ReadingValidator(
+        registry.get,
+        require_registration=True,
+        max_age_ms=100 * 365 * 24 * 3600 * 1000,
+        limiter=RateLimiter(100.0, 50),
+        clock=lambda: 0.0,
+        sources=SOURCES,
+        **options,
+    )
+
+
 @settings(
     max_examples=3_000, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -154,16 +169,9 @@ def test_any_message_of_a_device_source_becomes_readings_dead_letters_or_nothing
     topic: str, payload: bytes
 ) -> None:
     """3,000 generated messages on the sources' topics: no exception escapes; each gives
-    valid readings of its device's type, dead letters with a reason, or nothing."""
-    source_validator = ReadingValidator(
-        SOURCE_REGISTRY.get,
-        require_registration=True,
-        max_age_ms=100 * 365 * 24 * 3600 * 1000,
-        limiter=RateLimiter(100.0, 50),
-        clock=lambda: 0.0,
-        sources=SOURCES,
-    )
-    for outcome in source_validator.process(topic, payload, now_ms()):
+    valid readings of its device's type, dead letters with a reason, or nothing; held for
+    approval instead when the device is unknown and its source holds."""
+    for outcome in source_validator(SOURCE_REGISTRY).process(topic, payload, now_ms()):
         if isinstance(outcome, Accepted):
             record = json.loads(outcome.value)
             kind = SOURCE_REGISTRY[record["device_id"]].type
@@ -174,3 +182,11 @@ def test_any_message_of_a_device_source_becomes_readings_dead_letters_or_nothing
             assert isinstance(outcome, Rejected)
             assert outcome.reason.value in REASONS
             assert 0 < len(outcome.detail) <= 300
+    holding = source_validator({}, pending=PendingBook(), unknown_devices="hold")
+    for outcome in holding.process(topic, payload, now_ms()):
+        if isinstance(outcome, Held):
+            assert is_device_id(outcome.device_id)
+            assert outcome.original == payload
+        else:
+            assert isinstance(outcome, Rejected), outcome
+            assert outcome.reason.value in REASONS

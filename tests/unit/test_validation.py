@@ -9,7 +9,7 @@ import pytest
 
 from gateway.domain.deadletters import Reason
 from gateway.domain.ratelimit import RateLimiter
-from gateway.domain.validation import Accepted, Outcome, ReadingValidator, Rejected
+from gateway.domain.validation import Accepted, Outcome, Presence, ReadingValidator, Rejected
 from gateway.topics import telemetry_device_id
 from schemas import Device, DeviceType
 
@@ -225,3 +225,29 @@ def test_flooding_device_is_rate_limited_alone() -> None:
 def test_telemetry_device_id(topic: str, device_id: str | None) -> None:
     """Only devices/{id}/telemetry names a device."""
     assert telemetry_device_id(topic) == device_id
+
+
+def test_a_registered_device_s_status_becomes_an_availability_record() -> None:
+    """`devices/{id}/status` `offline` is a record of iot.availability, the bridge's time."""
+    [outcome] = validator().process("devices/t1/status", b"offline", NOW)
+    assert isinstance(outcome, Presence)
+    assert json.loads(outcome.value) == {
+        "device_id": "t1", "online": False, "ts": NOW, "source": "envelope",
+    }  # fmt: skip
+
+
+def test_status_of_devices_unknown_or_disabled_is_counted_and_left() -> None:
+    """Retained statuses outlive their devices: not dead letters, counted by reason."""
+    judge = validator()
+    assert judge.process("devices/gone/status", b"online", NOW) == []
+    assert judge.process("devices/off/status", b"online", NOW) == []
+    assert judge.process("devices/bad id!/status", b"online", NOW) == []
+    assert judge.take_counts()[2] == {"unknown_device": 1, "device_disabled": 1, "invalid_id": 1}
+
+
+def test_a_status_that_is_neither_online_nor_offline_is_a_dead_letter() -> None:
+    """Anything but the two words is malformed, with what it said."""
+    [outcome] = validator().process("devices/t1/status", b"sleepy", NOW)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason == Reason.MALFORMED
+    assert "'online' or 'offline', not 'sleepy'" in outcome.detail

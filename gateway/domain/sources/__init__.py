@@ -44,6 +44,11 @@ class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id_prefix: IdPrefix = ""
+    # A reading of a device the registry does not know: held for approval or a dead letter
+    # (unset: IOTGW_UNKNOWN_DEVICES); `auto_approve` registers such a device by itself once
+    # its type is known.
+    unknown_devices: Literal["hold", "reject"] | None = None
+    auto_approve: bool = False
 
 
 class Zigbee2MqttSource(_Source):
@@ -88,6 +93,10 @@ class Sources:
     def __init__(self, entries: list[SourceEntry] | None = None) -> None:
         self.adapters: list[Adapter] = []
         self.homeassistant: HomeAssistant | None = None
+        # By adapter name: what to do with unknown devices (None: the default), auto-approve.
+        self.policies: dict[str, tuple[str | None, bool]] = {
+            entry.adapter: (entry.unknown_devices, entry.auto_approve) for entry in entries or []
+        }
         discovery: list[HomeAssistantSource] = []
         for entry in entries or []:
             if isinstance(entry, Zigbee2MqttSource):
@@ -116,6 +125,17 @@ class Sources:
 
     def __bool__(self) -> bool:
         return bool(self.adapters)
+
+    def holding(self, default: str) -> frozenset[str]:
+        """The sources (adapter names) whose unknown devices' readings are held for approval,
+        `default` being what a source that does not say does."""
+        policies = self.policies.items()
+        return frozenset(name for name, (policy, _) in policies if (policy or default) == "hold")
+
+    @property
+    def auto_approving(self) -> frozenset[str]:
+        """The sources whose held devices register themselves once their type is known."""
+        return frozenset(name for name, (_, auto) in self.policies.items() if auto)
 
     def claims(self, topic: str) -> bool:
         """Whether a source subscribes to `topic` (it may still be no device's reading, like

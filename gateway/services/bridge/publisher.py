@@ -18,7 +18,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from gateway.adapters.kafka import describe_kafka_error, is_fatal
 from gateway.domain.backoff import Backoff
 from gateway.domain.deadletters import Headers, dead_letter_headers
-from gateway.domain.validation import READING_SCHEMA, Accepted, Outcome, Presence
+from gateway.domain.pending import held_headers
+from gateway.domain.validation import READING_SCHEMA, Accepted, Held, Outcome, Presence
 from gateway.errors import IotgwError
 from gateway.topics import Topics
 
@@ -47,6 +48,7 @@ class PublishStats:
 
     published: int = 0
     availability: int = 0
+    held: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     retries: int = 0
     newest_ts: int = 0
@@ -104,6 +106,7 @@ class KafkaPublisher:
         self._readings = topics.readings
         self._dead_letters = topics.dead_letters
         self._availability = topics.availability
+        self._pending = topics.pending
         self._partitions = partitions
         self._on_done = on_done
         self._lanes: dict[tuple[str, int], _Lane] = {}
@@ -113,6 +116,10 @@ class KafkaPublisher:
         self._lane_of: dict[tuple[str, bytes], _Lane] = {}
         self._unkeyed = 0
         self.pending = 0  # messages submitted and not done
+        # Held messages (to the pending topic) not acknowledged yet, by device; `held_settled`
+        # is set each time one is.
+        self.held_in_flight: collections.Counter[str] = collections.Counter()
+        self.held_settled = asyncio.Event()
         self.stats = PublishStats()
         self._fatal: PublishError | None = None
 
@@ -123,7 +130,7 @@ class KafkaPublisher:
         """A publisher for the readings and dead-letter topics, their partitions looked up."""
         partitions = {
             topic: sorted(await producer.partitions_for(topic))
-            for topic in (topics.readings, topics.dead_letters, topics.availability)
+            for topic in (topics.readings, topics.dead_letters, topics.availability, topics.pending)
         }
         return cls(producer, topics, partitions, on_done)
 
@@ -147,6 +154,14 @@ class KafkaPublisher:
             elif isinstance(outcome, Presence):
                 topic, key = self._availability, outcome.device_id.encode()
                 value, headers = outcome.value, []
+            elif isinstance(outcome, Held):
+                topic, key = self._pending, outcome.device_id.encode()
+                value = outcome.original
+                detail = f"device {outcome.device_id} is not registered; held for approval"
+                headers = held_headers(
+                    detail, outcome.mqtt_topic, outcome.received_at, outcome.source, outcome.kind
+                )
+                self.held_in_flight[outcome.device_id] += 1
             else:
                 topic = self._dead_letters
                 key = outcome.device_id.encode() if outcome.device_id else None
@@ -239,6 +254,9 @@ class KafkaPublisher:
                     stats.newest_ts = outcome.ts
             elif isinstance(outcome, Presence):
                 stats.availability += 1
+            elif isinstance(outcome, Held):
+                stats.held += 1
+                self._held_settled(outcome.device_id)
             else:
                 stats.rejected[outcome.reason.value] += 1
             message = record.message
@@ -248,6 +266,14 @@ class KafkaPublisher:
                 self._on_done(message.token)
         if lane.records:
             self._make_ready(lane)
+
+    def _held_settled(self, device_id: str) -> None:
+        left = self.held_in_flight[device_id] - 1
+        if left:
+            self.held_in_flight[device_id] = left
+        else:
+            del self.held_in_flight[device_id]
+        self.held_settled.set()
 
     def _failed(self, lane: _Lane, exc: BaseException | None) -> None:
         """Keep the batch's records at the lane's head and send them again after a pause;

@@ -16,7 +16,6 @@ import contextlib
 import os
 import socket
 import sys
-import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
@@ -25,17 +24,12 @@ import structlog
 from gateway.adapters.discovery import DiscoveryReader
 from gateway.adapters.mqtt_session import Message, MqttSession, SessionOptions
 from gateway.clock import now_ms
-from gateway.domain.sources import Sources
 from gateway.errors import IotgwError
+from gateway.services.bridge.routing import device_of, worker_of
 from gateway.services.bridge.worker import read_frame, write_frame
 from gateway.services.runtime import BridgeMetrics, HealthServer
 from gateway.settings import Settings
-from gateway.topics import (
-    MQTT_STATUS_FILTER,
-    MQTT_TELEMETRY_FILTER,
-    status_device_id,
-    telemetry_device_id,
-)
+from gateway.topics import MQTT_STATUS_FILTER, MQTT_TELEMETRY_FILTER
 
 __all__ = ["DRAIN_TIMEOUT_S", "Bridge"]
 
@@ -45,26 +39,6 @@ log = structlog.get_logger(__name__)
 # flight, the rest for closing the connections and the workers.
 DRAIN_TIMEOUT_S = 7.0
 _WORKER_EXIT_S = 2.0
-
-
-def device_of(topic: str, sources: Sources | None = None) -> str | None:
-    """The device a topic is about: the id in our envelope's topic, or the one a device
-    source derives from its own; None for a topic of neither."""
-    device = telemetry_device_id(topic) or status_device_id(topic)
-    if device is None and sources:
-        route = sources.route(topic) or sources.presence_route(topic)
-        device = route[1] if route else None
-    return device
-
-
-def owner(topic: str, workers: int, sources: Sources | None = None) -> int:
-    """The worker that owns the device a topic is about: a stable hash of its id, the same
-    in every process and after every restart."""
-    return _worker_of(device_of(topic, sources) or topic, workers)
-
-
-def _worker_of(device: str, workers: int) -> int:
-    return zlib.crc32(device.encode()) % workers
 
 
 class Worker(Protocol):
@@ -206,6 +180,9 @@ class Bridge:
         self.session.on_unacknowledged = self.metrics.redeliveries.inc
         self.metrics.in_flight.set_function(lambda: self.session.in_flight)
         self.health: HealthServer | None = None
+        # Devices awaiting approval, by worker (as each last said).
+        self._pending_devices: dict[int, int] = {}
+        self.metrics.pending_devices.set_function(lambda: sum(self._pending_devices.values()))
         # State topics unsubscribed because no entity has them (see _drop_if_stale).
         self._stale: set[str] = set()
 
@@ -309,7 +286,7 @@ class Bridge:
             device = device_of(m.topic, sources)
             if device is None and discovery:
                 self._drop_if_stale(m.topic)
-            number = _worker_of(device or m.topic, len(workers)) if len(workers) > 1 else 0
+            number = worker_of(device or m.topic, len(workers)) if len(workers) > 1 else 0
             shares[number].append((m.index, m.topic, m.payload, m.size))
         for worker, share in zip(workers, shares, strict=True):
             if share:
@@ -346,6 +323,11 @@ class Bridge:
                 metrics.ignored_fields.labels(source, field).inc(count)
             if availability := stats["availability"]:
                 metrics.availability.inc(availability)
+            for reason, count in stats["availability_ignored"].items():
+                metrics.availability_ignored.labels(reason).inc(count)
+            if held := stats["held"]:
+                metrics.held.inc(held)
+            self._pending_devices[worker.number] = stats["pending_devices"]
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop taking messages, let Kafka acknowledge what is in flight, then close."""

@@ -13,7 +13,8 @@ go both ways (a 4-byte length, then a `marshal`led tuple of plain values):
   `("error", reason)` and exit 1; then `("done", [index, ...], stats)` as Kafka
   acknowledges messages, `stats` a dict of what happened since the last frame (readings,
   published, rejected by reason, Kafka retries, newest ts, readings by source, ignored
-  fields by (source, field), availability records).
+  fields by (source, field), availability records, availability messages ignored by
+  reason, messages held, pending devices).
 
 End of input (the session closed its end, or died) stops the worker.
 """
@@ -36,11 +37,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from gateway.adapters.kafka import create_producer, started
+from gateway.domain.pending import PendingBook
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.sources import Sources
 from gateway.domain.validation import ReadingValidator
 from gateway.errors import IotgwError
+from gateway.services.bridge.pending import PendingDevices, Queued
 from gateway.services.bridge.publisher import BATCH_BYTES, KafkaPublisher
+from gateway.services.bridge.routing import device_of, worker_of
 from gateway.services.registry import DeviceRegistry
 from gateway.services.runtime import service_logging, tune_gc
 from gateway.settings import Settings, load_settings
@@ -81,10 +85,13 @@ class IngestWorker:
         writer: asyncio.StreamWriter,
         sources: Sources,
         catalogue: TypeCatalogue,
+        number: int = 0,
     ) -> None:
         self.settings = settings
         self._writer = writer
+        self._number = number
         self.registry = DeviceRegistry(settings)
+        workers = settings.bridge_workers
         self.validator = ReadingValidator(
             self.registry.get,
             require_registration=settings.require_registration,
@@ -93,8 +100,13 @@ class IngestWorker:
             sources=sources,
             catalogue=catalogue,
             default_tz=settings.default_tz,
+            pending=PendingBook(),
+            unknown_devices=settings.unknown_devices,
+            # The limit is the whole bridge's: each worker holds its share of the devices.
+            pending_max_devices=-(-settings.pending_max_devices // workers),
         )
         self._producer: AIOKafkaProducer | None = None
+        self.pending: PendingDevices | None = None
         self._publisher: KafkaPublisher | None = None
         self._publishing: asyncio.Task[None] | None = None
         self._done: list[int] = []
@@ -115,6 +127,18 @@ class IngestWorker:
         except KafkaError as exc:
             raise IotgwError(f"cannot read the topics' partitions: {exc}") from None
         self._publishing = asyncio.create_task(self._publisher.run(), name="kafka-publisher")
+        workers = self.settings.bridge_workers
+        self.pending = PendingDevices(
+            self.settings,
+            lambda device_id: worker_of(device_id, workers) == self._number,
+            self.validator,
+            self.registry,
+            self._producer,
+            self._publisher,
+            self.validator.sources.auto_approving,
+            self._resubmit,
+        )
+        await self.pending.start()
         # Everything loaded so far (registry, schemas, libraries) lives as long as the
         # process: keep it out of the collector's full scans, which at high rates
         # otherwise cost more than the readings themselves.
@@ -128,11 +152,28 @@ class IngestWorker:
 
     def handle(self, received_at: int, messages: list[tuple[int, str, bytes, int]]) -> None:
         """Judge each message's readings and queue them for Kafka, in arrival order."""
+        publisher, pending = self._publisher, self.pending
+        assert publisher is not None
+        assert pending is not None
+        process = self.validator.process
+        draining, sources = pending.draining, self.validator.sources
+        for index, topic, payload, size in messages:
+            if draining and (device := device_of(topic, sources)) in draining:
+                # Its last held messages are being replayed: it waits, unacknowledged.
+                draining[device].append((index, topic, payload, size, received_at))
+                continue
+            outcomes = process(topic, payload, received_at, size)
+            self._readings += len(outcomes)
+            publisher.submit(outcomes, index)
+        if publisher.pending:
+            self._idle.clear()
+
+    def _resubmit(self, queued: list[Queued]) -> None:
+        """Messages kept aside during a replay, judged now in their order."""
         publisher = self._publisher
         assert publisher is not None
-        process = self.validator.process
-        for index, topic, payload, size in messages:
-            outcomes = process(topic, payload, received_at, size)
+        for index, topic, payload, size, received_at in queued:
+            outcomes = self.validator.process(topic, payload, received_at, size)
             self._readings += len(outcomes)
             publisher.submit(outcomes, index)
         if publisher.pending:
@@ -145,6 +186,10 @@ class IngestWorker:
             homeassistant.learn(topic, payload)
 
     def _finished(self, index: int) -> None:
+        if index < 0:
+            assert self.pending is not None
+            self.pending.finished(index)  # a replayed held message, not an MQTT one
+            return
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
         self._done.append(index)
@@ -155,7 +200,7 @@ class IngestWorker:
         stats = self._publisher.take_stats()
         done, self._done = self._done, []
         readings, self._readings = self._readings, 0
-        by_source, ignored = self.validator.take_counts()
+        by_source, ignored, presence_ignored = self.validator.take_counts()
         counts = {
             "readings": readings,
             "published": stats.published,
@@ -165,6 +210,9 @@ class IngestWorker:
             "sources": by_source,
             "ignored": ignored,
             "availability": stats.availability,
+            "availability_ignored": presence_ignored,
+            "held": stats.held,
+            "pending_devices": len(self.validator.pending or ()),
         }
         with contextlib.suppress(ConnectionError):
             write_frame(self._writer, ("done", done, counts))
@@ -173,6 +221,8 @@ class IngestWorker:
 
     async def stop(self) -> None:
         """Give Kafka a moment for what is pending, then close."""
+        if self.pending is not None:
+            await self.pending.stop()
         if self._publishing is not None and not self._publishing.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), _STOP_TIMEOUT_S)
@@ -190,7 +240,9 @@ async def serve(fd: int) -> int:
     try:
         settings = load_settings()
         service_logging(settings.log_format)
-        worker = IngestWorker(settings, writer, settings.sources(), settings.catalogue())
+        worker = IngestWorker(
+            settings, writer, settings.sources(), settings.catalogue(), int(sys.argv[2])
+        )
         await worker.start()
     except IotgwError as exc:
         write_frame(writer, ("error", str(exc)))
