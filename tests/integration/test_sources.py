@@ -249,11 +249,13 @@ async def test_documented_messages_through_the_live_bridge(
         async with (
             TopicReader(s, topics.readings) as readings,
             TopicReader(s, topics.dead_letters) as dead_letters,
+            TopicReader(s, topics.availability) as availability,
             running_bridge(s) as bridge,
             DevicePublisher(s.mqtt.host, s.mqtt.port) as publisher,
         ):
             examples = [c for c in cases if c.kind == "examples"]
             malformed = [c for c in cases if c.kind == "malformed"]
+            presences = [c for c in cases if c.kind == "availability"]
             for number, case in enumerate(cases):
                 if case.config is None:
                     await publisher.publish(case.topic, case.payload)
@@ -269,6 +271,7 @@ async def test_documented_messages_through_the_live_bridge(
                 await until(functools.partial(forgotten, bridge, case), 10, "the config removed")
             await readings.wait_for(len(examples))
             await dead_letters.wait_for(len(malformed))
+            await availability.wait_for(len(presences))
     finally:
         async with DevicePublisher(s.mqtt.host, s.mqtt.port) as publisher:
             for topic, _ in configs:
@@ -296,6 +299,11 @@ async def test_documented_messages_through_the_live_bridge(
     assert got == wanted
     reasons = sorted(headers(r)["error"].decode() for r in dead_letters.records)
     assert reasons == sorted(c.entry["reason"] for c in malformed)
+    said = [(v["device_id"], v["online"], v["source"]) for v in availability.values()]
+    assert said == [
+        (c.entry["expected"]["device_id"], c.entry["expected"]["online"], source)
+        for c in presences
+    ]
 
 
 def learned(bridge: Bridge, case: Case) -> bool:
