@@ -112,8 +112,10 @@ class Topics:
     ) -> list[TopicSpec]:
         """Every topic iotgw uses, as `iotgw topics create` makes them."""
         # Held readings leave the pending topic as dead letters at the maximum age; Kafka
-        # keeps them a day longer, so a bridge that was down that day still finds them.
-        pending_retention = {"retention.ms": str(int((pending_max_age_s + 24 * 3600) * 1000))}
+        # keeps them a week longer (as long as the broker keeps a bridge's session), so a
+        # bridge that was down meanwhile still finds them.
+        kept_s = pending_max_age_s + 7 * 24 * 3600
+        pending_retention = {"retention.ms": str(int(kept_s * 1000))}
         return [
             TopicSpec(self.readings, readings_partitions),
             TopicSpec(self.dead_letters, readings_partitions),

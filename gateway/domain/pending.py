@@ -95,6 +95,10 @@ class PendingBook:
         # The newest resolution's `through` by device: held records up to it are done with,
         # whenever they are read (a follower behind the resolver may read them after it).
         self._through: dict[str, int] = {}
+        # Devices whose held records are being replayed: whatever a record read says (a
+        # `deny` from elsewhere), they stay until the replay ends (with `resolve(final)`),
+        # so their new messages keep being held behind the replayed ones.
+        self.pinned: set[str] = set()
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self.devices
@@ -126,28 +130,52 @@ class PendingBook:
             self._held(device_id, offset, said)
 
     def resolve(
-        self, device_id: str, through: int, count: int, first_remaining: int | None = None
+        self,
+        device_id: str,
+        through: int,
+        count: int,
+        first_remaining: int | None = None,
+        *,
+        final: bool = False,
     ) -> None:
         """What this process has just resolved (and written): held records up to `through`,
-        `count` of them; some stay held if `first_remaining` (the oldest's arrival) is set."""
+        `count` of them; some stay held if `first_remaining` (the oldest's arrival) is set.
+        `final`: nothing of the device is held any more, not even in flight (an approval
+        that kept its new messages aside until now): it leaves the book."""
         self._done_through(device_id, through)
         device = self.devices.get(device_id)
         if device is None:
             return
-        if first_remaining is None:
+        if final:
             del self.devices[device_id]
-            return
-        device.since = through + 1
-        device.count = max(0, device.count - count)
-        device.first_seen = first_remaining
+        elif first_remaining is not None:
+            device.since = through + 1
+            device.count = max(0, device.count - count)
+            device.first_seen = first_remaining
+        else:
+            self._all_resolved(device)
 
     def _done_through(self, device_id: str, through: int) -> None:
         if len(self._through) >= _RESOLVED_REMEMBERED and device_id not in self._through:
             del self._through[next(iter(self._through))]
         self._through[device_id] = max(through, self._through.get(device_id, -1))
 
+    def _all_resolved(self, device: PendingDevice) -> None:
+        """Every held record read back is resolved: the device leaves the book, unless
+        messages held here are still to be read back, or it is pinned."""
+        if device.unseen == 0 and device.device_id not in self.pinned:
+            del self.devices[device.device_id]
+            return
+        device.count, device.since, device.last = 0, None, None
+        device.first_seen = device.last_seen
+
     def _held(self, device_id: str, offset: int, said: dict[str, bytes]) -> None:
         if offset <= self._through.get(device_id, -1):
+            device = self.devices.get(device_id)
+            if device is not None:
+                device.unseen = max(0, device.unseen - 1)  # resolved before read back
+                if device.since is None:
+                    self._all_resolved(device)
             return
         try:
             received_at = int(said.get("received_at", b"0"))
@@ -187,12 +215,7 @@ class PendingBook:
         if through < device.since:
             return  # about records before the ones held now
         if through >= device.last:
-            if device.unseen == 0:
-                del self.devices[device_id]
-                return
-            # Held a moment ago, not read back yet: still pending.
-            device.count, device.since, device.last = 0, None, None
-            device.first_seen = device.last_seen
+            self._all_resolved(device)
             return
         device.since = through + 1
         device.count = max(0, device.count - count)

@@ -261,9 +261,9 @@ class RuleEngine:
         if rule is not None and not state.firing:
             self._waiting[key] = rule
 
-    def tick(self, now_ms: int) -> list[Alert]:
-        """Release readings that waited out the grace, then check absence and offline
-        devices on the wall clock."""
+    def tick(self, now_ms: int, *, offline: bool = True) -> list[Alert]:
+        """Release readings that waited out the grace, then check absence and (`offline`:
+        the caller has read every availability record) offline devices on the wall clock."""
         alerts: list[Alert] = []
         for buffer in self._buffers.values():
             for reading in buffer.release(now_ms):
@@ -275,11 +275,11 @@ class RuleEngine:
                     alert = self._absence_tick(rule, key, now_ms)
                     if alert is not None:
                         alerts.append(alert)
-        for key, offline in list(self._waiting.items()):
+        for key, waiting in list(self._waiting.items()) if offline else ():
             state = self.states[key]
             assert state.since is not None
-            if now_ms - state.since >= offline.for_ * 1000:
-                alerts.append(self._offline_firing(offline, key, state))
+            if now_ms - state.since >= waiting.for_ * 1000:
+                alerts.append(self._offline_firing(waiting, key, state))
         return alerts
 
     def records(self, keys: Iterable[Key]) -> Iterator[tuple[Key, bytes | None]]:

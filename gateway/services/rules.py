@@ -207,7 +207,10 @@ class RulesService:
             self.metrics.evaluated.inc(fetched)
             if time.monotonic() - last_tick >= _TICK_S:
                 last_tick = time.monotonic()
-                alerts.extend(self.engine.tick(now))
+                # An online record still unread would resolve an offline device's wait:
+                # its timer fires only once the engine has read every availability record.
+                caught_up = await self._read_all(consumer, self.topics.availability)
+                alerts.extend(self.engine.tick(now, offline=caught_up))
                 await self._update_lag(consumer)
             self.metrics.late.inc(self.engine.late - self._late_counted)
             self._late_counted = self.engine.late
@@ -238,6 +241,18 @@ class RulesService:
                 batches.setdefault(tp, []).extend(records)
                 fetched += len(records)
         return batches
+
+    @staticmethod
+    async def _read_all(consumer: AIOKafkaConsumer, topic: str) -> bool:
+        """Whether the consumer has read every record of its partitions of `topic` it knows
+        of (False while it does not know their end yet)."""
+        for tp in consumer.assignment():
+            if tp.topic != topic:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None or await consumer.position(tp) < highwater:
+                return False
+        return True
 
     async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
         self.metrics.lag.set(await consumer_lag(consumer))

@@ -193,3 +193,12 @@ def test_rules_yaml_example_validates_and_for_defaults_to_zero(tmp_path: Path) -
     [rule] = load_rules(path).rules
     assert isinstance(rule, OfflineRule)
     assert rule.for_ == 0
+
+
+def test_no_timer_fires_while_availability_records_are_still_unread() -> None:
+    """A tick of an engine behind on iot.availability fires nothing: an online record may
+    be waiting; it fires on the first tick caught up."""
+    rules = engine(GONE)
+    rules.evaluate_availability([said("plug", False, 10)])
+    assert rules.tick(T0 + 60_000, offline=False) == []
+    assert states(rules.tick(T0 + 61_000)) == [("gone", "plug", "firing", 0, 40_000)]

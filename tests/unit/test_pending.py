@@ -147,3 +147,34 @@ def test_a_source_that_holds_while_the_default_rejects() -> None:
     [rejected] = judge.process("devices/new/telemetry", reading(), NOW)
     assert isinstance(rejected, Rejected)
     assert rejected.reason == Reason.UNKNOWN_DEVICE
+
+
+def test_an_expiry_of_all_that_was_read_keeps_a_device_with_a_message_in_flight() -> None:
+    """Expired through its newest record read, a device held a moment ago stays pending."""
+    book = PendingBook()
+    held_record(book, 0, "a", NOW)
+    book.note_held("a", NOW + 5, "envelope", None)
+    book.resolve("a", 0, 1)
+    assert "a" in book
+    held_record(book, 1, "a", NOW + 5)
+    assert (book.devices["a"].count, book.devices["a"].since) == (1, 1)
+
+
+def test_a_device_being_replayed_stays_pending_whatever_a_record_says() -> None:
+    """A deny read while its approval replays does not let its new messages skip the queue."""
+    book = PendingBook()
+    held_record(book, 0, "a", NOW)
+    book.pinned.add("a")
+    resolved(book, "a", Resolution.DENIED, 0, 1)
+    assert "a" in book
+    book.resolve("a", 0, 1, final=True)
+    assert "a" not in book
+
+
+def test_a_record_resolved_before_it_is_read_back_is_no_longer_awaited() -> None:
+    """A held message read back after its resolution does not keep its device pending."""
+    book = PendingBook()
+    book.note_held("a", NOW, "envelope", None)
+    resolved(book, "a", Resolution.DENIED, 0, 1)
+    held_record(book, 0, "a", NOW)
+    assert "a" not in book

@@ -38,10 +38,10 @@ def test_registry_topic_is_compacted_and_readings_partitioned() -> None:
     assert specs["iot.devices.state"].configs == {"cleanup.policy": "compact"}
 
 
-def test_pending_topic_keeps_held_readings_a_day_past_their_maximum_age() -> None:
-    """Held readings outlive IOTGW_PENDING_MAX_AGE_S in Kafka by a day, to be dead-lettered."""
+def test_pending_topic_keeps_held_readings_a_week_past_their_maximum_age() -> None:
+    """Held readings outlive IOTGW_PENDING_MAX_AGE_S in Kafka by a week, to be dead-lettered."""
     specs = {spec.name: spec for spec in Topics().specs(pending_max_age_s=3600)}
-    assert specs["iot.readings.pending"].configs == {"retention.ms": str(25 * 3600 * 1000)}
+    assert specs["iot.readings.pending"].configs == {"retention.ms": str(169 * 3600 * 1000)}
 
 
 @pytest.mark.parametrize("prefix", ["", "bad prefix", "iot/x", "ü"])

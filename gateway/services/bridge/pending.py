@@ -65,6 +65,10 @@ Queued = tuple[int, str, bytes, int, int]
 # pending topic waits: together they bound how late an approval starts.
 _TICK_S = 0.5
 _FOLLOW_WAIT_MS = 200
+# Devices whose wait is being ended at once (each reads the topic with a consumer of its
+# own), and replayed messages in Kafka's hands at once (each holds its bytes).
+_AT_ONCE = 4
+_REPLAY_WINDOW = 1000
 
 
 class PendingDevices:
@@ -94,6 +98,9 @@ class PendingDevices:
         self._topics = Topics(settings.topic_prefix)
         self._partitions: list[int] = []
         self._max_age_ms = int(settings.pending_max_age_s * 1000)
+        # Held messages expire in steps: a device that keeps sending past the maximum age
+        # is not read again for each message that comes of age.
+        self._expiry_step_ms = min(60_000, self._max_age_ms // 100)
         # Devices whose new messages are kept aside, with those messages in arrival order.
         self.draining: dict[str, list[Queued]] = {}
         self._busy: set[str] = set()
@@ -130,6 +137,11 @@ class PendingDevices:
             asyncio.create_task(self._follow(consumer), name="pending-follow"),
             asyncio.create_task(self._look(), name="pending-look"),
         ]
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Following the topic and ending waits: either ending means it failed."""
+        return list(self._tasks)
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._work]:
@@ -168,17 +180,19 @@ class PendingDevices:
                 self._apply(records)
 
     async def _look(self) -> None:
-        """Start what ends each held device's wait, as it becomes due."""
+        """Start what ends each held device's wait, as it becomes due (a few at a time)."""
         while True:
             now = now_ms()
             for device in list(self.book.devices.values()):
                 device_id = device.device_id
+                if len(self._busy) >= _AT_ONCE:
+                    break
                 if device_id in self._busy or device.since is None:
                     continue
-                registered = self._registry.get(device_id)
-                if registered is not None:
+                if self._registry.get(device_id) is not None:
+                    self._registering.discard(device_id)
                     self._start(device_id, self._approve(device_id))
-                elif device.first_seen < now - self._max_age_ms:
+                elif device.first_seen < now - self._max_age_ms - self._expiry_step_ms:
                     self._start(device_id, self._expire(device_id))
                 elif (
                     device.source in self._auto_approving
@@ -212,24 +226,35 @@ class PendingDevices:
         tp = self._partition(device_id)
         device = self.book.devices[device_id]
         assert device.since is not None
-        position, replayed = await self._replay(device_id, tp, device.since)
-        self.draining[device_id] = []
+        self.book.pinned.add(device_id)
         try:
-            publisher = self._publisher
-            while publisher.held_in_flight.get(device_id):
-                publisher.held_settled.clear()
-                await publisher.held_settled.wait()
-            position, more = await self._replay(device_id, tp, position)
-            replayed += more
-            await self._resolve(device_id, Resolution.APPROVED, position - 1, replayed)
+            position, replayed = await self._replay(device_id, tp, device.since)
+            self.draining[device_id] = []
+            try:
+                # Not for long: every message after the kept ones waits for its PUBACK.
+                await asyncio.wait_for(self._held_in_kafka(device_id), self._settings.timeout_s)
+                position, more = await self._replay(device_id, tp, position)
+                replayed += more
+                await self._resolve(
+                    device_id, Resolution.APPROVED, position - 1, replayed, final=True
+                )
+            finally:
+                self._resubmit(self.draining.pop(device_id))
         finally:
-            self._resubmit(self.draining.pop(device_id))
+            self.book.pinned.discard(device_id)
         log.info(
             "pending_device_approved",
             device_id=device_id,
             replayed=replayed,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def _held_in_kafka(self, device_id: str) -> None:
+        """Until Kafka has every message of the device held so far."""
+        publisher = self._publisher
+        while publisher.held_in_flight.get(device_id):
+            publisher.held_settled.clear()
+            await publisher.held_settled.wait()
 
     async def _expire(self, device_id: str) -> None:
         """Dead-letter a device's held messages older than the maximum age."""
@@ -250,6 +275,9 @@ class PendingDevices:
             letter = Rejected(device_id, Reason.UNKNOWN_DEVICE, detail, payload, topic, received_at)
             tokens.append(self._submit([letter]))
             expired, through = expired + 1, offset
+            if len(tokens) >= _REPLAY_WINDOW:
+                await asyncio.gather(*tokens)
+                tokens = []
         await asyncio.gather(*tokens)
         if expired:
             await self._resolve(device_id, Resolution.EXPIRED, through, expired, first_remaining)
@@ -296,12 +324,14 @@ class PendingDevices:
         through: int,
         count: int,
         first_remaining: int | None = None,
+        *,
+        final: bool = False,
     ) -> None:
         value, headers = resolution_record(resolution, through, count, first_remaining)
         await self._producer.send_and_wait(
             self._topics.pending, value, key=device_id.encode(), headers=headers
         )
-        self.book.resolve(device_id, through, count, first_remaining)
+        self.book.resolve(device_id, through, count, first_remaining, final=final)
 
     async def _end(self, tp: TopicPartition) -> int:
         assert self._consumer is not None

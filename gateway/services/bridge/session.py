@@ -148,6 +148,17 @@ class Bridge:
         self.metrics = metrics or BridgeMetrics()
         self.sources = settings.sources()
         settings.catalogue()  # a types file that cannot be used stops the bridge now
+        holding = settings.unknown_devices == "hold" or self.sources.holding(
+            settings.unknown_devices
+        )
+        if settings.mqtt_share_group and holding:
+            # Each bridge of the group would replay the same held readings: twice, and after
+            # the live ones the other bridge let through.
+            raise IotgwError(
+                "holding unknown devices (IOTGW_UNKNOWN_DEVICES or a source's unknown_devices: "
+                "hold) needs one bridge per broker: unset IOTGW_MQTT_SHARE_GROUP",
+                exit_code=2,
+            )
         self.workers: Sequence[Worker] = workers or [
             WorkerProcess(n, settings) for n in range(settings.bridge_workers)
         ]

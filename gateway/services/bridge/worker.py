@@ -260,9 +260,11 @@ async def serve(fd: int) -> int:
     pumping = asyncio.create_task(pump())
     try:
         publishing = worker.publishing
-        await asyncio.wait([pumping, publishing], return_when=asyncio.FIRST_COMPLETED)
+        assert worker.pending is not None
+        watched = [publishing, pumping, *worker.pending.tasks]
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         failure = next(
-            (f.exception() for f in (publishing, pumping) if f.done() and f.exception()),
+            (f.exception() for f in watched if f.done() and f.exception()),
             None,
         )
         if failure is None:
