@@ -153,6 +153,8 @@ class ReadingValidator:
         )
         self._pending_max_devices = pending_max_devices
         self._replaying = False
+        self._envelope_holds = pending is not None and ENVELOPE in self._holding
+        self._pending_devices = pending.devices if pending is not None else {}
 
     def replay(self, topic: str, payload: bytes, received_at: int) -> list[Outcome]:
         """The outcomes of a held message, its device approved: judged as if it came now,
@@ -196,7 +198,8 @@ class ReadingValidator:
             return [reject(None, Reason.UNKNOWN_DEVICE, detail, payload[:MAX_PAYLOAD_BYTES])]
         if (too_large := _too_large(payload, size)) is not None:
             return [reject(device_id, Reason.TOO_LARGE, too_large, payload[:MAX_PAYLOAD_BYTES])]
-        if self._may_hold(ENVELOPE, device_id):
+        # Inline, not a call: every envelope message passes here.
+        if (self._envelope_holds or device_id in self._pending_devices) and not self._replaying:
             held = self._hold(ENVELOPE, None, device_id, topic, payload, received_at, reject)
             if held is not None:
                 return [held]

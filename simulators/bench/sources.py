@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from gateway.domain.pending import PendingBook
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.sources import parse_sources
 from gateway.domain.validation import Accepted, ReadingValidator
@@ -97,6 +98,7 @@ def _validator() -> ReadingValidator:
         max_age_ms=24 * 3600 * 1000,
         limiter=RateLimiter(1e9, 10**9),
         sources=sources,
+        pending=PendingBook(),  # as in the bridge: every message is looked up in it
     )
 
 
