@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,6 +20,9 @@ from simulators.formats import (
     Firmware,
     Format,
     Payload,
+    Presence,
+    bridge_state,
+    presence,
     shelly,
     tasmota_sensor,
     tasmota_state,
@@ -79,6 +83,8 @@ FAULTS: dict[str, str | None] = {
     "out_of_order": None,
     "burst": None,
     "offline": None,
+    # The reading goes out, then the device's connection drops (see Uplink).
+    "drop": None,
 }
 # Faults only our envelope can carry: in the other formats a time without an offset is
 # what the device normally sends. Such faults, drawn for a device of another format, are
@@ -86,9 +92,12 @@ FAULTS: dict[str, str | None] = {
 ENVELOPE_ONLY_FAULTS = frozenset({"naive_ts"})
 DEMO_FAULTS = (
     "malformed=0.002,schema=0.002,unknown_device=0.002,clock_skew=0.002,duplicate=0.002,"
-    "offline=0.003"
+    "offline=0.003,drop=0.002"
 )
 _BURST = 20
+# How long a dropped device stays away, in seconds (drawn evenly): an offline period a
+# dashboard shows, over before a demo ends.
+DROP_S = (3.0, 12.0)
 
 
 def parse_faults(spec: str, fleet_format: str = "envelope") -> dict[str, float]:
@@ -125,6 +134,11 @@ class SimDevice:
     last_step: float = 0.0
     last_ts: int = 0
     offline_until: float = 0.0
+    # When it first sends (epoch seconds): a device paired mid-run is silent until then.
+    joins_at: float = 0.0
+    # It makes none of the fleet's faults (an `offline` one could silence it for a whole
+    # short run).
+    faultless: bool = False
     # A Tasmota plug's relay as it last reported it (`tele/<topic>/STATE`).
     reported_on: bool | None = None
 
@@ -234,6 +248,77 @@ def build_fleet(
     return devices
 
 
+# A last will belongs to one MQTT connection, so a device has its will only on a connection
+# of its own, as a real one: up to OWN_CONNECTIONS devices get one each (one socket each, in
+# the simulator and in the broker). The devices past that share SHARED_CONNECTIONS
+# connections without a will: they say online on connecting and offline at a clean stop,
+# and a drop only silences them (their connection serves others). Zigbee devices never
+# connect themselves: Zigbee2MQTT speaks for all of them on one connection, whose will is
+# its bridge state, and publishes each device's availability.
+OWN_CONNECTIONS = 500
+SHARED_CONNECTIONS = 20
+
+
+class UplinkKind(StrEnum):
+    """Who holds an MQTT connection of the fleet."""
+
+    OWN = "own"  # one device, with its last will
+    SHARED = "shared"  # devices past OWN_CONNECTIONS, no will
+    ZIGBEE2MQTT = "zigbee2mqtt"  # Zigbee2MQTT for its devices, its bridge state as will
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """One MQTT connection of the fleet: its devices and what it says of their availability."""
+
+    kind: UplinkKind
+    devices: tuple[SimDevice, ...]
+
+    @property
+    def will(self) -> Presence | None:
+        if self.kind is UplinkKind.OWN:
+            return presence(self.devices[0].firmware, False)
+        if self.kind is UplinkKind.ZIGBEE2MQTT:
+            return bridge_state(self.devices[0].firmware.base_topic, False)
+        return None
+
+    def hello(self, away: Container[str] = ()) -> list[Presence]:
+        """What it publishes on each connect: each device online, but those `away`."""
+        said = [presence(d.firmware, True) for d in self.devices if d.device_id not in away]
+        if self.kind is UplinkKind.ZIGBEE2MQTT:
+            return [bridge_state(self.devices[0].firmware.base_topic, True), *said]
+        return said
+
+    def goodbye(self, away: Container[str] = ()) -> list[Presence]:
+        """What it publishes at a clean stop, whose DISCONNECT discards the will: each
+        device offline, but those `away` (their offline was said when they dropped)."""
+        said = [presence(d.firmware, False) for d in self.devices if d.device_id not in away]
+        if self.kind is UplinkKind.ZIGBEE2MQTT:
+            return [*said, bridge_state(self.devices[0].firmware.base_topic, False)]
+        return said
+
+
+def plan_uplinks(devices: list[SimDevice], own: int = OWN_CONNECTIONS,
+                 shared: int = SHARED_CONNECTIONS) -> list[Uplink]:  # fmt: skip
+    """The fleet's MQTT connections: one per device for the first `own` devices that
+    connect themselves, one per Zigbee2MQTT base topic, and up to `shared` for the rest (a
+    device always on the same one, so MQTT keeps its order)."""
+    uplinks: list[Uplink] = []
+    zigbee: dict[str, list[SimDevice]] = {}
+    rest: list[SimDevice] = []
+    for device in devices:
+        if device.format is Format.ZIGBEE2MQTT:
+            zigbee.setdefault(device.firmware.base_topic, []).append(device)
+        elif len(uplinks) < own:
+            uplinks.append(Uplink(UplinkKind.OWN, (device,)))
+        else:
+            rest.append(device)
+    uplinks += [Uplink(UplinkKind.ZIGBEE2MQTT, tuple(group)) for group in zigbee.values()]
+    lanes = min(shared, len(rest))
+    uplinks += [Uplink(UplinkKind.SHARED, tuple(rest[i::lanes])) for i in range(lanes)]
+    return uplinks
+
+
 def digest(payload: bytes) -> str:
     """A short fingerprint of a payload: how the audit recognises a dead letter's bytes."""
     return hashlib.blake2b(payload, digest_size=8).hexdigest()
@@ -309,16 +394,20 @@ class FleetTraffic:
 
     def messages(self, device: SimDevice, now: float) -> list[Message]:
         """The messages `device` sends at `now` (epoch seconds): usually one; none while it
-        is offline, or while its clock shows the second of its last reading (Tasmota)."""
-        if now < device.offline_until:
+        is offline, or while its clock shows the second of its last reading (Tasmota).
+        After a reading of fault `drop` the device is away until its `offline_until`: the
+        simulator drops its connection. A device that has not joined yet sends nothing."""
+        if now < device.offline_until or now < device.joins_at:
             return []
         resolution = CLOCK_MS[device.format]
         if int(now * 1000) // resolution * resolution <= device.last_ts and resolution > 1:
             return []
-        fault = self._draw_fault(device.format)
+        fault = None if device.faultless else self._draw_fault(device.format)
         if fault == "offline":
             device.offline_until = now + self.rng.uniform(5, 30)
             return []
+        if fault == "drop":
+            device.offline_until = now + self.rng.uniform(*DROP_S)
         if fault == "burst":
             return [self._single(device, now, fault) for _ in range(_BURST)]
         if fault == "out_of_order":

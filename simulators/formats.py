@@ -1,5 +1,5 @@
 """What a simulated device publishes, format by format: our envelope, and what Zigbee2MQTT,
-Tasmota and Shelly Gen2 firmware put on MQTT (pure logic).
+Tasmota and Shelly Gen2 firmware put on MQTT, readings and availability (pure logic).
 
 The payloads follow the projects' own documentation (zigbee2mqtt.io device pages,
 tasmota.github.io "JSON Status Responses", the Shelly Gen2 API's `NotifyStatus`): the
@@ -10,6 +10,10 @@ find each reading in `iot.readings` without a `seq`:
 - Tasmota: `Time`, whole seconds, local time without an offset (or with it, SetOption52),
   so a Tasmota device sends at most one message a second;
 - Shelly: `params.ts`, epoch seconds with the milliseconds as a fraction.
+
+Availability is retained and QoS 1, as the firmwares send it: what a device says on
+connecting, and its MQTT last will (`presence`); Zigbee2MQTT's bridge says its own on
+`<base_topic>/bridge/state` (`bridge_state`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.domain.sources import device_id_of
+from gateway.topics import status_topic
 from schemas import DeviceType, is_device_id
 
 __all__ = [
@@ -31,7 +36,10 @@ __all__ = [
     "FORMAT_TYPES",
     "Firmware",
     "Format",
+    "Presence",
+    "bridge_state",
     "is_base_topic",
+    "presence",
     "shelly",
     "tasmota_sensor",
     "tasmota_state",
@@ -40,6 +48,8 @@ __all__ = [
 ]
 
 Payload = tuple[str, dict[str, Any]]
+# An availability message: its topic and payload (published retained, QoS 1).
+Presence = tuple[str, bytes]
 
 
 class Format(StrEnum):
@@ -347,3 +357,27 @@ def shelly(firmware: Firmware, device_type: str, metrics: dict[str, Any],
         "method": method,
         "params": params,
     }
+
+
+def presence(firmware: Firmware, online: bool) -> Presence:
+    """Where and how a device's firmware says it is online (on each connect) or offline
+    (its last will; for Zigbee2MQTT, its availability check):
+    - our envelope: `devices/{id}/status`, `online` / `offline`;
+    - Tasmota: `tele/<topic>/LWT`, `Online` / `Offline`;
+    - Shelly Gen2: `<id>/online`, `true` / `false`;
+    - Zigbee2MQTT: `<base_topic>/<name>/availability`, `{"state":"online"}` (1.x with its
+      default `legacy_availability_payload`: plain `online`)."""
+    if firmware.format is Format.TASMOTA:
+        return f"tele/{firmware.native_id}/LWT", b"Online" if online else b"Offline"
+    if firmware.format is Format.SHELLY:
+        return f"{firmware.native_id}/online", b"true" if online else b"false"
+    word = b"online" if online else b"offline"
+    if firmware.format is Format.ZIGBEE2MQTT:
+        payload = word if firmware.z2m_v1 else b'{"state":"' + word + b'"}'
+        return f"{firmware.base_topic}/{firmware.native_id}/availability", payload
+    return status_topic(firmware.device_id), word
+
+
+def bridge_state(base_topic: str, online: bool) -> Presence:
+    """`<base_topic>/bridge/state`: Zigbee2MQTT's own availability (its last will offline)."""
+    return f"{base_topic}/bridge/state", b'{"state":"online"}' if online else b'{"state":"offline"}'

@@ -13,7 +13,13 @@ from gateway.cli.terminal import console
 from gateway.errors import IotgwError
 from gateway.settings import load_settings
 from simulators.audit import SendLog, audit_until_settled
-from simulators.fleet import ENVELOPE_ONLY_FAULTS, FleetFormat, check_types, parse_faults
+from simulators.fleet import (
+    DROP_S,
+    ENVELOPE_ONLY_FAULTS,
+    FleetFormat,
+    check_types,
+    parse_faults,
+)
 from simulators.formats import is_base_topic
 from simulators.runner import audit_table, run_simulation
 
@@ -26,7 +32,10 @@ _FAULTS_HELP = (
     "Fault rates per reading, e.g. malformed=0.01,duplicate=0.02. In every format: "
     "malformed (cut JSON), schema (a value out of range), unknown_device, "
     "clock_skew (the device clock an hour ahead), oversize, duplicate, out_of_order, burst, "
-    f"offline; envelope devices only: {', '.join(sorted(ENVELOPE_ONLY_FAULTS))}."
+    "offline, drop (after the reading the device's connection drops without DISCONNECT, so "
+    "the broker publishes its last will, offline; it is back online "
+    f"{DROP_S[0]:g} to {DROP_S[1]:g} s later); envelope devices only: "
+    f"{', '.join(sorted(ENVELOPE_ONLY_FAULTS))}."
 )
 _FORMAT_HELP = (
     "What the devices publish: envelope (ours, devices/ID/telemetry, every type); "
@@ -98,9 +107,15 @@ def simulate_command(
     )
     faulted = ", ".join(f"{k} {v}" for k, v in sorted(stats.faults.items())) or "none"
     formats = ", ".join(f"{k} {v}" for k, v in sorted(stats.formats.items())) or "none"
+    dropped = (
+        f"; devices dropped out {stats.drops.total()} times, back online {stats.returns.total()}"
+        if stats.drops
+        else ""
+    )
     console.print(
         f"sent {stats.readings} readings in {stats.messages} messages over {stats.seconds:.1f} s "
-        f"({stats.readings / max(stats.seconds, 0.001):.0f}/s); as {formats}; faults: {faulted}",
+        f"({stats.readings / max(stats.seconds, 0.001):.0f}/s); as {formats}; faults: {faulted}"
+        f"{dropped}",
         highlight=False,
         soft_wrap=True,
     )
