@@ -16,6 +16,7 @@ from aiokafka import TopicPartition
 from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import read_topic
 from gateway.errors import IotgwError
+from gateway.services.bridge.pending import read_pending
 from gateway.settings import Settings
 from gateway.topics import Topics
 from simulators.fleet import FAULTS, digest
@@ -36,6 +37,8 @@ class AuditReport:
     valid_sent: int = 0
     in_kafka: int = 0
     in_dlq: int = 0
+    # Readings of unknown devices held in iot.readings.pending, awaiting approval.
+    held: int = 0
     in_influx: int = 0
     lost: int = 0
     duplicates: int = 0
@@ -208,9 +211,10 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
     """Compare the log with iot.readings, iot.readings.dlq and InfluxDB."""
     topics = Topics(settings.topic_prefix)
     since = log.window_ms[0] - _SLACK_MS
-    readings, dead = await asyncio.gather(
+    readings, dead, pending = await asyncio.gather(
         read_since(settings, topics.readings, since),
         read_since(settings, topics.dead_letters, since),
+        read_pending(settings),
     )
     devices = log.devices
     in_kafka: Counter[Key] = Counter()
@@ -248,6 +252,7 @@ async def audit(settings: Settings, log: SendLog) -> AuditReport:
         valid_sent=len(valid),
         in_kafka=len(delivered),
         in_dlq=sum(rejected.values()),
+        held=sum(d.count for d in pending.devices.values() if d.device_id in devices),
         in_influx=len(delivered & set(influx)),
         lost=len(lost),
         duplicates=sum(n - 1 for n in in_kafka.values()),

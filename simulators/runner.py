@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from gateway.clock import now_ms
 from gateway.services.registry import RegistryWriter
 from gateway.settings import Settings
 from simulators.audit import AuditReport
-from simulators.fleet import FleetTraffic, build_fleet
+from simulators.fleet import FleetTraffic, SimDevice, build_fleet
 from simulators.simulate import SimulationStats, simulate
 
 ExtraRows = Callable[[], list[tuple[str, str]]]
@@ -30,6 +30,9 @@ def progress_table(stats: SimulationStats, extra: ExtraRows | None = None) -> Ta
             table.add_row(f"  as {fmt}", str(count))
     for fault, count in sorted(stats.faults.items()):
         table.add_row(f"  with fault {fault}", str(count))
+    if stats.drops:
+        drops, returns = stats.drops.total(), stats.returns.total()
+        table.add_row("devices dropped out", f"{drops} times, back online {returns}")
     for label, value in extra() if extra else []:
         table.add_row(label, value)
     return table
@@ -51,9 +54,11 @@ async def run_simulation(
     fleet_format: str = "envelope",
     base_topic: str = "zigbee2mqtt",
     types: list[str] | None = None,
+    newcomers: Sequence[SimDevice] = (),
 ) -> SimulationStats:
     """Build the fleet (its devices speaking `fleet_format`, see simulators.fleet), register
-    it if asked, and run it with live progress on a terminal."""
+    it if asked, and run it with live progress on a terminal. `newcomers` play along
+    from their `joins_at`, never registered: devices paired mid-run."""
     fleet = build_fleet(
         devices,
         seed,
@@ -67,7 +72,9 @@ async def run_simulation(
             await writer.put(*(device.record() for device in fleet))
         console.print(f"registered {len(fleet)} devices", highlight=False)
     # Runs never reuse a (device, seq) pair: sequences start from the start time.
-    traffic = FleetTraffic(fleet, faults, seed, first_seq=now_ms(), batch_size=batch_size)
+    traffic = FleetTraffic(
+        [*fleet, *newcomers], faults, seed, first_seq=now_ms(), batch_size=batch_size
+    )
     with ExitStack() as stack:
         out = stack.enter_context(log.open("w")) if log is not None else None
         if console.is_terminal:
@@ -93,6 +100,8 @@ def audit_table(report: AuditReport) -> Table:
         table.add_row(
             f"  {reason}", f"{count}" + (f" (faults sent: {expected})" if expected else "")
         )
+    if report.held:
+        table.add_row("held for approval (iot.readings.pending)", str(report.held))
     table.add_row("valid readings in InfluxDB", str(report.in_influx))
     table.add_row("missing in InfluxDB", str(report.missing_in_influx))
     table.add_row("duplicates in InfluxDB", str(report.duplicates_in_influx))

@@ -141,7 +141,8 @@ def test_audit_command_exits_1_when_a_valid_reading_is_missing(
 
 
 def test_make_demo_runs_end_to_end(settings: Settings) -> None:
-    """`make demo` with a short duration: registers, streams, audits, exits 0 with lost 0."""
+    """`make demo` with a short duration: registers, streams, onboards a sensor paired
+    mid-run (pending, approved, its held readings replayed), audits, exits 0 with lost 0."""
     s = asyncio.run(own_settings(settings))
     try:
         result = subprocess.run(
@@ -153,6 +154,24 @@ def test_make_demo_runs_end_to_end(settings: Settings) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered 50 devices" in result.stdout
     assert {f"as {f.value}" for f in Format} <= set(re.findall(r"as \w+", result.stdout))
-    lost_line = next(line for line in result.stdout.splitlines() if "│ lost" in line)
-    assert lost_line.split("│")[2].strip() == "0"
+    approved = re.search(
+        r"approved (\S+): (\d+) held readings replayed into iot.readings", result.stdout
+    )
+    assert approved is not None, result.stdout[-3000:]
+    sensor, replayed = approved[1], int(approved[2])
+    assert replayed > 0
+    lines = result.stdout.splitlines()
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines]
+    assert [sensor, "zigbee2mqtt", "climate"] in [row[:3] for row in cells]  # listed as pending
+    title = next(i for i, line in enumerate(lines) if line.strip() == "onboarding")
+    end = next(i for i in range(title, len(lines)) if lines[i].startswith("└"))
+    onboarding = {row[0]: row[1] for row in cells[title:end] if len(row) == 2}
+    assert onboarding["new device"] == sensor
+    assert onboarding["held, replayed on approval"] == str(replayed)
+    valid = re.fullmatch(r"(\d+) of (\d+)", onboarding["valid readings in iot.readings"])
+    assert valid is not None
+    assert valid[1] == valid[2]
+    assert int(valid[1]) >= replayed
+    # The whole fleet's audit, then the sensor's own: nothing lost in either.
+    assert [row[1] for row in cells if row[:1] == ["lost"]] == ["0", "0"]
     assert "What to look at next" in result.stdout

@@ -301,8 +301,7 @@ async def test_documented_messages_through_the_live_bridge(
     assert reasons == sorted(c.entry["reason"] for c in malformed)
     said = [(v["device_id"], v["online"], v["source"]) for v in availability.values()]
     assert said == [
-        (c.entry["expected"]["device_id"], c.entry["expected"]["online"], source)
-        for c in presences
+        (c.entry["expected"]["device_id"], c.entry["expected"]["online"], source) for c in presences
     ]
 
 

@@ -232,11 +232,12 @@ def test_readings_out_of_order_within_the_grace_give_no_false_alert() -> None:
 def test_default_and_demo_rules_files_are_valid() -> None:
     """rules.yaml covers every device type and every rule kind."""
     rules = load_rules(ROOT / "rules.yaml").rules
-    assert {r.kind for r in rules} == {"threshold", "absence", "rate", "state"}
+    kinds = {"threshold", "absence", "rate", "state", "offline"}
+    assert {r.kind for r in rules} == kinds
     covered = {t for r in rules for t in (r.device_types or list(DeviceType))}
     assert covered == set(DeviceType)
     demo = load_rules(ROOT / "simulators" / "demo-rules.yaml").rules
-    assert {r.kind for r in demo} == {"threshold", "absence", "rate", "state"}
+    assert {r.kind for r in demo} == kinds
 
 
 def test_rules_file_errors_name_file_line_and_field(tmp_path: Path) -> None:

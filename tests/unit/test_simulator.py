@@ -29,7 +29,7 @@ from schemas import DeviceType
 from schemas.reading import READING
 from schemas.types import BUILTIN_CATALOGUE, parse_types
 from simulators.audit import SendLog, entry_key, reading_key
-from simulators.demo import DEMO_SOURCES
+from simulators.demo import DEMO_SOURCES, paired_sensor
 from simulators.fleet import (
     ENVELOPE_ONLY_FAULTS,
     FAULTS,
@@ -157,6 +157,25 @@ def test_batches_carry_several_readings() -> None:
     readings = json.loads(message.payload)
     assert [r["seq"] for r in readings] == [0, 1, 2, 3, 4]
     assert len({r["ts"] for r in readings}) == 5
+
+
+def test_a_device_paired_mid_run_is_silent_until_it_joins_and_then_makes_no_fault() -> None:
+    """The demo's paired sensor: nothing before its `joins_at`, then a valid reading at
+    every turn (every fault switched on for the fleet), routed by the demo's sources to
+    its IEEE address as device id, on a source that holds unknown devices."""
+    sensor = paired_sensor(DAY_START + 60, BUILTIN_CATALOGUE)
+    traffic = FleetTraffic([sensor], dict.fromkeys(FAULTS, 1.0), 1)
+    assert traffic.messages(sensor, DAY_START + 59) == []
+    sources = load_sources(DEMO_SOURCES)
+    for step in range(20):
+        [message] = traffic.messages(sensor, DAY_START + 60 + step)
+        [sent] = message.readings
+        assert sent.fault is None
+        route = sources.route(message.topic)
+        assert route is not None
+        assert route[1] == sent.device_id == sensor.device_id
+    assert re.fullmatch(r"0x00158d00[0-9a-f]{8}", sensor.device_id)
+    assert sources.policies["zigbee2mqtt"] == ("hold", False)
 
 
 def test_fault_spec_is_checked() -> None:
