@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from devstack.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
@@ -408,7 +409,9 @@ class KafkaNode(Server):
         """Ready when this node's metadata lists every broker of the cluster."""
         try:
             ids = await broker_ids(self.address, 3.0)
-        except IotgwError:
+        except (IotgwError, KafkaError, TimeoutError):
+            # Unreachable yet, or reachable while another node it names is not (a cluster
+            # coming up answers "node not ready").
             return False
         return ids == list(range(1, self.plan.kafka_brokers + 1))
 
