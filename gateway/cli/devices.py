@@ -7,7 +7,6 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
 from gateway.cli.stack import devstack
-from gateway.cli.terminal import console, errors
+from gateway.cli.terminal import console, errors, utc_time
 from gateway.clock import now_ms
 from gateway.domain.devices_file import DeviceInputError, build_device, parse_devices_csv
 from gateway.domain.records import DeviceState, MetricValue
@@ -70,10 +69,6 @@ def _existing(registry: DeviceRegistry, device_id: str) -> Device:
     return device
 
 
-def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _span(ms: int) -> str:
     seconds = ms // 1000
     if seconds < 120:
@@ -114,7 +109,7 @@ def _device_table(
             d.room or "",
             d.tz or "",
             "yes" if d.enabled else "[red]no[/red]",
-            _time(d.registered_at),
+            utc_time(d.registered_at),
         ]
         if states is not None:
             state = states.get(d.device_id)
@@ -150,9 +145,9 @@ def _print_state(state: DeviceState | None, now: int) -> None:
         status = "unknown: no availability message yet"
     else:
         since = state["online_since"]
-        status = f"{_online(state)} since {_time(since)} ({_age(since, now)})"
+        status = f"{_online(state)} since {utc_time(since)} ({_age(since, now)})"
     last_seen = state["last_seen"]
-    seen = "never" if last_seen is None else f"{_time(last_seen)} ({_age(last_seen, now)})"
+    seen = "never" if last_seen is None else f"{utc_time(last_seen)} ({_age(last_seen, now)})"
     console.print(f"status     {status}\nlast seen  {seen}", highlight=False, markup=False)
     metrics = Table.grid(padding=(0, 2))
     metrics.add_column(justify="right")

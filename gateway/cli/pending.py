@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -13,8 +12,14 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from rich.table import Table
 
-from gateway.adapters.kafka import create_consumer, create_producer, started, topic_partitions
-from gateway.cli.terminal import console, say
+from gateway.adapters.kafka import (
+    create_consumer,
+    create_producer,
+    end_offsets,
+    started,
+    topic_partitions,
+)
+from gateway.cli.terminal import console, say, utc_time
 from gateway.clock import now_ms
 from gateway.domain.deadletters import Reason, dead_letter_headers
 from gateway.domain.devices_file import DeviceInputError, build_device
@@ -42,10 +47,6 @@ def add_pending_commands(app: typer.Typer) -> None:
     app.command("pending")(pending)
     app.command("approve")(approve)
     app.command("deny")(deny)
-
-
-def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def _book_and_registry(settings: Settings) -> tuple[PendingBook, DeviceRegistry]:
@@ -104,7 +105,7 @@ def pending(as_json: JsonOption = False) -> None:
         note = " (approved: the bridge replays them)" if d.device_id in approved else ""
         table.add_row(
             d.device_id + note, d.source, d.type or "?", str(d.count),
-            _time(d.first_seen), _time(d.last_seen),
+            utc_time(d.first_seen), utc_time(d.last_seen),
         )  # fmt: skip
     console.print(table)
     console.print(
@@ -150,7 +151,7 @@ def approve(
                     raise IotgwError(str(exc), exit_code=2) from None
                 topic = Topics(settings.topic_prefix).pending
                 tp = pending_partition(topic, await topic_partitions(settings, topic), device_id)
-                start = await _end(settings, tp)
+                start = (await end_offsets(settings, tp.topic))[tp]
                 async with RegistryWriter(settings) as writer:
                     await writer.put(device)
                 say(f"registered {device_id} ({kind}); waiting for the bridge to replay")
@@ -196,7 +197,7 @@ def deny(device_id: DeviceIdArg) -> None:
             topics.pending, await topic_partitions(settings, topics.pending), device_id
         )
         assert held.since is not None
-        end = await _end(settings, tp)
+        end = (await end_offsets(settings, tp.topic))[tp]
         detail = f"device {device_id} was denied (iotgw devices deny)"
         producer = await started(create_producer(settings), settings)
         try:
@@ -227,15 +228,6 @@ def deny(device_id: DeviceIdArg) -> None:
         "(unknown_device); readings it sends from now on are held again",
         highlight=False,
     )
-
-
-async def _end(settings: Settings, tp: TopicPartition) -> int:
-    consumer = await started(create_consumer(settings), settings)
-    try:
-        ends: dict[TopicPartition, int] = await consumer.end_offsets([tp])
-    finally:
-        await consumer.stop()
-    return ends[tp]
 
 
 async def _approved(

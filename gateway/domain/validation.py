@@ -21,7 +21,7 @@ from gateway.domain.pending import PendingBook
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import AvailabilityRecord, CanonicalReading
 from gateway.domain.sources import Adapter, SourceError, SourceReading, Sources, infer_type
-from gateway.domain.sources.base import presence_word
+from gateway.domain.sources.base import AvailabilityAdapter, presence_word
 from gateway.topics import status_device_id, telemetry_device_id, telemetry_topic
 from schemas import Device, is_device_id
 from schemas.reading import MAX_PAYLOAD_BYTES
@@ -180,8 +180,8 @@ class ReadingValidator:
         if device_id is None and self.sources:
             presence = self.sources.presence_route(topic)
             if presence is not None:
-                adapter, source_device = presence
-                return self._presence(adapter, source_device, topic, payload, received_at, reject)
+                announcer, source_device = presence
+                return self._presence(announcer, source_device, topic, payload, received_at, reject)
             route = self.sources.route(topic)
             if route is not None:
                 adapter, source_device = route
@@ -238,7 +238,7 @@ class ReadingValidator:
 
     def _presence(
         self,
-        source: Adapter | str,
+        source: AvailabilityAdapter | str,
         device_id: str,
         topic: str,
         payload: bytes,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.domain.sources.base import (
     Adapter,
+    AvailabilityAdapter,
     SourceError,
     SourceReading,
     device_id_of,
@@ -97,16 +98,20 @@ class Sources:
         self.policies: dict[str, tuple[str | None, bool]] = {
             entry.adapter: (entry.unknown_devices, entry.auto_approve) for entry in entries or []
         }
+        # The adapters whose devices say whether they are online (Home Assistant entities'
+        # availability topics are not read).
+        self.announcing: list[AvailabilityAdapter] = []
         discovery: list[HomeAssistantSource] = []
         for entry in entries or []:
             if isinstance(entry, Zigbee2MqttSource):
-                self.adapters.append(Zigbee2Mqtt(entry.base_topic, entry.id_prefix))
+                self.announcing.append(Zigbee2Mqtt(entry.base_topic, entry.id_prefix))
             elif isinstance(entry, TasmotaSource):
-                self.adapters.append(Tasmota(entry.id_prefix))
+                self.announcing.append(Tasmota(entry.id_prefix))
             elif isinstance(entry, ShellySource):
-                self.adapters.append(Shelly(entry.id_prefix))
+                self.announcing.append(Shelly(entry.id_prefix))
             else:
                 discovery.append(entry)
+        self.adapters += self.announcing
         if len(discovery) > 1:
             raise SourcesFileError("at most one homeassistant source")
         # The filters to subscribe to, fixed for the process (Home Assistant's state topics
@@ -143,9 +148,9 @@ class Sources:
         # The fixed filters only: a learned state topic that is still an entity's routes.
         return any(topic_matches(f, topic) for f in self.filters)
 
-    def presence_route(self, topic: str) -> tuple[Adapter, str] | None:
+    def presence_route(self, topic: str) -> tuple[AvailabilityAdapter, str] | None:
         """The adapter whose availability topic `topic` is and the device it is about."""
-        for adapter in self.adapters:
+        for adapter in self.announcing:
             device_id = adapter.presence_of(topic)
             if device_id is not None:
                 return adapter, device_id

@@ -16,6 +16,7 @@ __all__ = [
     "HPA_PER_MMHG",
     "LATEST_MS",
     "Adapter",
+    "AvailabilityAdapter",
     "SourceError",
     "SourceReading",
     "device_id_of",
@@ -99,6 +100,10 @@ class Adapter(Protocol):
         """The readings of one message (none: nothing to ingest); SourceError if it is not
         this source's format."""
         ...
+
+
+class AvailabilityAdapter(Adapter, Protocol):
+    """A device source whose devices also say whether they are online."""
 
     def presence_of(self, topic: str) -> str | None:
         """The device id of an availability topic of this source; None if it is not one."""

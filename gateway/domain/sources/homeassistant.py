@@ -231,12 +231,6 @@ class HomeAssistant:
         entities = self._by_state.get(topic)
         return entities[0].device_id if entities else None
 
-    def presence_of(self, topic: str) -> str | None:
-        return None  # entities' availability topics are not read (yet)
-
-    def presence(self, payload: bytes) -> bool:
-        raise NotImplementedError("no availability topic is routed to Home Assistant")
-
     def inferred_type(self, device_id: str) -> str | None:
         """The type a discovered device most likely is, from all its entities' metrics."""
         return infer_type({e.metric for e in self._entities.values() if e.device_id == device_id})
