@@ -1,4 +1,5 @@
-"""The local stack: Mosquitto, Apache Kafka (KRaft) and InfluxDB as processes under `.stack/`."""
+"""The local stack: Mosquitto, Apache Kafka (KRaft) and InfluxDB (1.x or 2.x) as processes
+under `.stack/`."""
 
 from __future__ import annotations
 
@@ -23,17 +24,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+import httpx
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
-from devstack.installer import KafkaDistribution, ensure_debian_packages, ensure_java, ensure_kafka
+from devstack.installer import (
+    KafkaDistribution,
+    ensure_debian_packages,
+    ensure_influxd2,
+    ensure_java,
+    ensure_kafka,
+)
 from gateway.adapters.certs import CertFiles, ensure_certificates
 from gateway.adapters.files import write_atomically
-from gateway.adapters.influx import InfluxClient
+from gateway.adapters.influx import InfluxClient, influx_reason
 from gateway.adapters.kafka import TopicResult, broker_ids, ensure_topics
 from gateway.adapters.mosquitto_auth import GATEWAY_USER, PasswordFile, generate_password
 from gateway.adapters.mqtt import broker_answers
 from gateway.errors import IotgwError
+from gateway.services.influx_setup import setup_influx
 from gateway.settings import MqttEndpoint, Settings
 
 Report = Callable[[str], None]
@@ -62,6 +71,11 @@ LOCAL_HOSTNAMES = [HOST, "localhost"]
 # before the stack falls back to SIGKILL.
 STOP_TIMEOUT_S = 30.0
 PROBE_INTERVAL_S = 0.25
+# InfluxDB 2.x: where its files live (beside, never inside, a 1.x data folder), and the
+# organisation and user its first start sets up.
+INFLUX2_FOLDER = "influxdb2"
+INFLUX2_ORG = "iotgw"
+INFLUX2_USER = "iotgw"
 
 
 def _ignore(_: str) -> None:
@@ -83,6 +97,8 @@ class StackPlan:
     # One broker only: the port it tells clients to connect to, when a proxy stands in
     # front of it (the broker's own port when not given).
     kafka_advertised_port: int | None = None
+    # 1: Debian's InfluxDB 1.6.7; 2: InfluxDB 2.7, built from source once.
+    influx_version: int = 1
 
     def __post_init__(self) -> None:
         if self.mqtts_port is None:
@@ -91,6 +107,8 @@ class StackPlan:
             raise IotgwError("--kafka-brokers must be from 1 to 9", exit_code=2)
         if self.kafka_advertised_port is not None and self.kafka_brokers != 1:
             raise IotgwError("--kafka-advertised-port needs a single broker", exit_code=2)
+        if self.influx_version not in (1, 2):
+            raise IotgwError("--influxdb must be 1 or 2", exit_code=2)
         unknown = set(self.kinds) - set(SERVER_KINDS)
         if unknown or not self.kinds:
             raise IotgwError(f"servers must be among {', '.join(SERVER_KINDS)}", exit_code=2)
@@ -139,6 +157,41 @@ class StackPlan:
             ) from None
         return f"mqtts://{GATEWAY_USER}:{password}@{HOST}:{self.secure_mqtt_port}"
 
+    @property
+    def influx_token_file(self) -> Path:
+        """InfluxDB 2's operator token, readable by the stack's owner only."""
+        return self.root / INFLUX2_FOLDER / "token"
+
+    @property
+    def influx_password_file(self) -> Path:
+        """The password of InfluxDB 2's user, for its web UI; the owner's only."""
+        return self.root / INFLUX2_FOLDER / "password"
+
+    def influx_token(self) -> str:
+        """The token InfluxDB 2's setup made; IotgwError when it has not run."""
+        try:
+            return self.influx_token_file.read_text().strip()
+        except OSError:
+            raise IotgwError(
+                f"no InfluxDB 2 token in {self.influx_token_file}: run "
+                "`iotgw stack up --influxdb 2`"
+            ) from None
+
+
+def influx_settings(plan: StackPlan, settings: Settings) -> Settings:
+    """`settings` pointed at `plan`'s InfluxDB: on 2.x with its organisation, token and the
+    bucket of `settings` (1.x's login dropped); on 1.x without any 2.x fields."""
+    update: dict[str, object] = {"influx_url": plan.influx_url}
+    if plan.influx_version == 2:
+        update |= {
+            "influx_org": INFLUX2_ORG, "influx_bucket": settings.influx_database,
+            "influx_token": SecretStr(plan.influx_token()),
+            "influx_username": None, "influx_password": None,
+        }  # fmt: skip
+    else:
+        update |= {"influx_org": None, "influx_bucket": None, "influx_token": None}
+    return settings.model_copy(update=update)
+
 
 def new_cluster_id() -> str:
     """A random KRaft cluster id, as `kafka-storage random-uuid` makes them: never starting
@@ -161,6 +214,8 @@ class StackState:
     mqtts_port: int | None = None
     kafka_advertised_port: int | None = None
     kafka_cluster_id: str = field(default_factory=new_cluster_id)
+    # Absent from the files of stacks made before InfluxDB 2 could run: those ran 1.x.
+    influx_version: int = 1
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:
@@ -178,7 +233,7 @@ class StackState:
     def plan(self, root: Path) -> StackPlan:
         return StackPlan(
             root, self.mqtt_port, self.kafka_port, self.kafka_brokers, self.influx_port,
-            tuple(self.kinds), self.mqtts_port, self.kafka_advertised_port,
+            tuple(self.kinds), self.mqtts_port, self.kafka_advertised_port, self.influx_version,
         )  # fmt: skip
 
 
@@ -186,6 +241,8 @@ class Server(ABC):
     """One server process of the stack: its config, command, files and readiness probe."""
 
     ready_timeout_s = 30.0
+    # What `stack down` asks it to stop with (SIGKILL after STOP_TIMEOUT_S).
+    stop_signal = signal.SIGTERM
 
     def __init__(self, plan: StackPlan, name: str, port: int) -> None:
         self.plan = plan
@@ -349,6 +406,79 @@ class InfluxDB(Server):
             return await influx.ping()
 
 
+class InfluxDB2(Server):
+    """InfluxDB 2.x as `ensure_influxd2` built it, run on flags alone."""
+
+    # 2.x takes no config file: its bolt file, which its command line names, is what tells
+    # its process from another that took over a stale pid.
+    config_name = "influxd.bolt"
+    # influxd 2.x shuts down cleanly on SIGINT; SIGTERM ends it at once.
+    stop_signal = signal.SIGINT
+
+    def __init__(self, plan: StackPlan, binary: Path) -> None:
+        super().__init__(plan, "influxdb", plan.influx_port)
+        self.binary = binary
+
+    @property
+    def home(self) -> Path:
+        return self.plan.root / INFLUX2_FOLDER
+
+    def prepare(self) -> None:
+        """Nothing to write: influxd makes its files on the first start, `set_up` the rest."""
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary), "run", "--bolt-path", str(self.config_file),
+            "--engine-path", str(self.home / "engine"),
+            "--sqlite-path", str(self.home / "influxd.sqlite"),
+            "--http-bind-address", self.address, "--reporting-disabled", "--log-level", "warn",
+        ]  # fmt: skip
+
+    async def probe(self) -> bool:
+        """Ready when `/health` says pass."""
+        async with httpx.AsyncClient(base_url=f"http://{self.address}", timeout=2.0) as http:
+            try:
+                response = await http.get("/health")
+                return response.status_code == 200 and response.json().get("status") == "pass"
+            except (httpx.HTTPError, ValueError):
+                return False
+
+    async def set_up(self, bucket: str, timeout_s: float, report: Report) -> None:
+        """On the first start, make the organisation, `bucket`, the user and the token (the
+        secrets saved, owner-only, before they are sent); later, find the token saved."""
+        token_file = self.plan.influx_token_file
+        async with httpx.AsyncClient(base_url=f"http://{self.address}", timeout=timeout_s) as http:
+            try:
+                if not (await http.get("/api/v2/setup")).json().get("allowed"):
+                    if not token_file.exists():
+                        raise IotgwError(
+                            f"InfluxDB 2 in {self.home} is set up but its token file "
+                            f"{token_file} is gone: stop the stack and delete {self.home} "
+                            "to set it up afresh"
+                        )
+                    return
+                token, password = generate_password(), generate_password()
+                write_atomically(self.plan.influx_password_file, f"{password}\n".encode())
+                write_atomically(token_file, f"{token}\n".encode())
+                setup = {
+                    "org": INFLUX2_ORG, "bucket": bucket, "username": INFLUX2_USER,
+                    "password": password, "token": token,
+                }  # fmt: skip
+                response = await http.post("/api/v2/setup", json=setup)
+            except (httpx.HTTPError, ValueError) as exc:
+                raise IotgwError(
+                    f"InfluxDB 2 at {self.address} did not answer its setup: {exc}"
+                ) from None
+        if not response.is_success:
+            raise IotgwError(
+                f"InfluxDB 2 refused its setup ({response.status_code}): {influx_reason(response)}"
+            )
+        report(
+            f"set up InfluxDB 2: organisation {INFLUX2_ORG}, bucket {bucket}, user "
+            f"{INFLUX2_USER}; token in {token_file}"
+        )
+
+
 class KafkaNode(Server):
     config_name = "server.properties"
     ready_timeout_s = 90.0
@@ -436,8 +566,12 @@ class StackReport:
 
 
 def build_servers(
-    plan: StackPlan, kafka: KafkaDistribution | None, cluster_id: str
+    plan: StackPlan,
+    kafka: KafkaDistribution | None,
+    cluster_id: str,
+    influxd2: Path | None = None,
 ) -> list[Server]:
+    """The plan's servers; `influxd2` is the binary InfluxDB 2 runs (version 2 only)."""
     servers: list[Server] = []
     if "mosquitto" in plan.kinds:
         servers.append(Mosquitto(plan, "mosquitto", plan.mqtt_port))
@@ -445,7 +579,11 @@ def build_servers(
         if kafka is None:
             raise IotgwError("Kafka's jars are not resolved")
         servers += [KafkaNode(plan, i, kafka, cluster_id) for i in range(1, plan.kafka_brokers + 1)]
-    if "influxdb" in plan.kinds:
+    if "influxdb" in plan.kinds and plan.influx_version == 2:
+        if influxd2 is None:
+            raise IotgwError("InfluxDB 2 is not built")
+        servers.append(InfluxDB2(plan, influxd2))
+    elif "influxdb" in plan.kinds:
         servers.append(InfluxDB(plan, "influxdb", plan.influx_port))
     return servers
 
@@ -585,9 +723,9 @@ def _recorded_servers(root: Path) -> list[Server]:
     if state is None:
         return []
     plan = state.plan(root)
-    # Status and stop need names, files and ports only, not Kafka's jars.
+    # Status and stop need names, files and ports only, not Kafka's jars nor influxd.
     kafka = KafkaDistribution("", root) if "kafka" in plan.kinds else None
-    return build_servers(plan, kafka, state.kafka_cluster_id)
+    return build_servers(plan, kafka, state.kafka_cluster_id, Path("influxd"))
 
 
 async def up(
@@ -608,10 +746,11 @@ async def up(
     install_log = plan.root / "logs" / "install.log"
 
     state = _reconcile_state(plan)
-    binaries = [
-        b for kind, b in (("mosquitto", "mosquitto"), ("influxdb", "influxd")) if kind in plan.kinds
-    ]
+    influx = "influxdb" in plan.kinds
+    binaries = ["mosquitto"] if "mosquitto" in plan.kinds else []
+    binaries += ["influxd"] if influx and plan.influx_version == 1 else []
     ensure_debian_packages(binaries, install_log, report)
+    influxd2 = ensure_influxd2(install_log, report) if influx and plan.influx_version == 2 else None
     if "mosquitto" in plan.kinds:
         _warn_of_backlog_bug(report)
     kafka = None
@@ -619,7 +758,7 @@ async def up(
         ensure_java()
         kafka = ensure_kafka(LOCAL_TEMPLATES / "pom.xml", install_log, report)
 
-    servers = build_servers(plan, kafka, state.kafka_cluster_id)
+    servers = build_servers(plan, kafka, state.kafka_cluster_id, influxd2)
     children: dict[str, subprocess.Popen[bytes]] = {}
     for server in servers:
         server.home.mkdir(parents=True, exist_ok=True)
@@ -645,11 +784,11 @@ async def up(
         topics = await ensure_topics(
             settings.model_copy(update={"kafka_bootstrap": plan.kafka_bootstrap})
         )
-    if "influxdb" in plan.kinds:
-        async with InfluxClient(
-            plan.influx_url, timeout_s=settings.timeout_s, auth=settings.influx_auth
-        ) as influx:
-            await influx.create_database(settings.influx_db)
+    if influx:
+        for server in servers:
+            if isinstance(server, InfluxDB2):
+                await server.set_up(settings.influx_database, settings.timeout_s, report)
+        await setup_influx(influx_settings(plan, settings), report)
     return StackReport(
         [_server_status(server) for server in servers],
         list(children),
@@ -687,7 +826,13 @@ def _reconcile_state(plan: StackPlan) -> StackState:
     state = StackState.load(plan.root)
     if state is not None:
         old = state.plan(plan.root)
-        if old != plan and any(running_pid(s) for s in _recorded_servers(plan.root)):
+        running = [s.name for s in _recorded_servers(plan.root) if running_pid(s)]
+        if old.influx_version != plan.influx_version and "influxdb" in running:
+            raise IotgwError(
+                f"InfluxDB {old.influx_version} is running in {plan.root}: run "
+                f"`iotgw stack down` before switching to --influxdb {plan.influx_version}"
+            )
+        if old != plan and running:
             raise IotgwError(
                 f"a stack with other settings is running in {plan.root}: "
                 "run `iotgw stack down` first"
@@ -702,11 +847,11 @@ def _reconcile_state(plan: StackPlan) -> StackState:
         return StackState(
             plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port,
             list(plan.kinds), plan.mqtts_port, plan.kafka_advertised_port,
-            state.kafka_cluster_id,
+            state.kafka_cluster_id, plan.influx_version,
         )  # fmt: skip
     return StackState(
         plan.mqtt_port, plan.kafka_port, plan.kafka_brokers, plan.influx_port, list(plan.kinds),
-        plan.mqtts_port, plan.kafka_advertised_port,
+        plan.mqtts_port, plan.kafka_advertised_port, influx_version=plan.influx_version,
     )  # fmt: skip
 
 
@@ -729,12 +874,12 @@ def down(
     """
     servers = [s for s in _recorded_servers(root) if only is None or s.name in only]
     pids = {server.name: pid for server in servers if (pid := running_pid(server)) is not None}
-    # Data that is about to be deleted needs no clean shutdown.
-    first = signal.SIGKILL if purge else signal.SIGTERM
-    for name, pid in pids.items():
-        report(f"stopping {name} (pid {pid})")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, first)
+    for server in servers:
+        if server.name in pids:
+            report(f"stopping {server.name} (pid {pids[server.name]})")
+            # Data that is about to be deleted needs no clean shutdown.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[server.name], signal.SIGKILL if purge else server.stop_signal)
     _wait_gone(servers, STOP_TIMEOUT_S)
     for server in servers:
         pid = running_pid(server)

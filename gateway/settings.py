@@ -26,6 +26,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.domain.rollups import (
+    RAW_RETENTION_S,
+    ROLLUP_EVERY_S,
+    ROLLUP_RETENTION_S,
+    Retention,
+    RollupEvery,
+)
 from gateway.domain.sources import Sources, SourcesFileError, load_sources
 from gateway.errors import ConfigError
 from schemas.device import TimeZone
@@ -167,6 +174,16 @@ class Settings(BaseSettings):
     influx_username: str | None = None
     influx_password: SecretStr | None = None
     influx_db: str = Field(default="iot", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+    # InfluxDB 2.x: all three set, the writer writes through influxdb-client to the
+    # bucket, whose name is also the database InfluxQL reads (a DBRP mapping).
+    influx_org: str | None = Field(default=None, min_length=1)
+    influx_bucket: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+    influx_token: SecretStr | None = None
+    # How long raw readings and their hourly rollups are kept, and how often InfluxDB
+    # recomputes the rollups of the last two hours (`iotgw influx setup`).
+    influx_retention: Retention = RAW_RETENTION_S
+    influx_rollup_retention: Retention = ROLLUP_RETENTION_S
+    influx_rollup_every: RollupEvery = ROLLUP_EVERY_S
     topic_prefix: str = Field(default="iot", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     readings_partitions: int = Field(default=6, ge=1, le=10_000)
     # Replication of the topics `iotgw topics create` makes; unset: 3, or fewer when the
@@ -253,11 +270,30 @@ class Settings(BaseSettings):
             )
         if bool(self.influx_username) != bool(self.influx_password):
             raise ValueError("IOTGW_INFLUX_USERNAME and IOTGW_INFLUX_PASSWORD go together")
+        v2 = (self.influx_org, self.influx_bucket, self.influx_token)
+        if any(v2) and not all(v2):
+            raise ValueError(
+                "InfluxDB 2.x needs IOTGW_INFLUX_ORG, IOTGW_INFLUX_BUCKET and IOTGW_INFLUX_TOKEN"
+            )
+        if all(v2) and self.influx_username:
+            raise ValueError(
+                "IOTGW_INFLUX_TOKEN (2.x) and IOTGW_INFLUX_USERNAME (1.x) exclude each other"
+            )
         return self
 
     @property
     def mqtt(self) -> MqttEndpoint:
         return parse_mqtt_url(self.mqtt_url.get_secret_value())
+
+    @property
+    def influx_v2(self) -> bool:
+        """True when iotgw speaks InfluxDB 2.x (an organisation, a bucket and a token)."""
+        return self.influx_token is not None
+
+    @property
+    def influx_database(self) -> str:
+        """Where readings go and what InfluxQL reads: the bucket on 2.x, else the database."""
+        return self.influx_bucket if self.influx_bucket is not None else self.influx_db
 
     @property
     def influx_auth(self) -> tuple[str, str] | None:

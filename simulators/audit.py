@@ -181,9 +181,7 @@ async def _influx_keys(settings: Settings, log: SendLog) -> Counter[Key]:
     types = "|".join(settings.catalogue().names)
     window = f"time >= {first - _SLACK_MS}ms AND time <= {last + _SLACK_MS}ms"
     found: Counter[Key] = Counter()
-    async with InfluxClient(
-        str(settings.influx_url), timeout_s=60, auth=settings.influx_auth
-    ) as influx:
+    async with InfluxClient.for_settings(settings, timeout_s=60) as influx:
         for kind in ("seq", "ts"):
             devices = log.devices_keyed_by(kind)
             if not devices:
@@ -195,7 +193,7 @@ async def _influx_keys(settings: Settings, log: SendLog) -> Counter[Key]:
                 f'SELECT {fields} FROM /^({types})$/ WHERE {window} AND "device_id" =~ /^({ids})$/'
             )
             try:
-                points = _points(await influx.query(query, db=settings.influx_db))
+                points = _points(await influx.query(query, db=settings.influx_database))
             except IotgwError as exc:
                 if "database not found" in str(exc):
                     return Counter()

@@ -277,7 +277,7 @@ async def alerts_table(settings: Settings, since_ms: int, until_ms: int) -> Tabl
 
 def next_steps(settings: Settings, onboarded: str) -> None:
     url = str(settings.influx_url).rstrip("/")
-    db = settings.influx_db
+    db = settings.influx_database
     console.print("\n[bold]What to look at next[/bold]")
     console.print(
         f"""\

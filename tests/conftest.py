@@ -49,3 +49,33 @@ def stack_settings(plan: stack.StackPlan, **overrides: object) -> Settings:
 def settings(local_stack: stack.StackPlan) -> Settings:
     """Settings for the session's stack."""
     return stack_settings(local_stack)
+
+
+# The port of the InfluxDB 2.7 the tests run beside the stack's 1.6.7.
+INFLUXDB2_PORT = 8096
+
+
+@pytest.fixture(scope="session")
+def influxdb2_stack() -> Iterator[stack.StackPlan]:
+    """InfluxDB 2.7 (built once, cached) beside the stack's 1.6.7, for the tests that run
+    against both; stopped at the end if this session started it."""
+    plan = stack.StackPlan(
+        stack.DEFAULT_STACK_DIR / "tests-influxdb2",
+        influx_port=INFLUXDB2_PORT,
+        kinds=("influxdb",),
+        influx_version=2,
+    )
+    report = asyncio.run(stack.up(plan, stack_settings(plan), report=print))
+    yield plan
+    if report.started:
+        stack.down(plan.root, only=set(report.started))
+
+
+@pytest.fixture(params=[1, 2], ids=["influxdb1.6", "influxdb2.7"])
+def any_influx(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The session's settings, pointed at InfluxDB 1.6.7 and then at 2.7 (with the org
+    and token of its setup)."""
+    if request.param == 1:
+        return settings
+    plan = request.getfixturevalue("influxdb2_stack")
+    return stack.influx_settings(plan, settings)

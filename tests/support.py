@@ -20,7 +20,9 @@ from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import ensure_topics
 from gateway.adapters.mqtt import connect, publish_in_window
 from gateway.clock import now_ms
+from gateway.domain.rollups import rollup_task_name
 from gateway.services.bridge.session import Bridge
+from gateway.services.influx_setup import setup_influx
 from gateway.services.registry import RegistryWriter
 from gateway.services.writer import Writer
 from gateway.settings import MqttEndpoint, Settings
@@ -44,21 +46,24 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 async def own_settings(base: Settings, **overrides: Any) -> Settings:
     """Settings with this test's own topics, client id, group and database."""
+    database = unique("db").replace("-", "_")
     own = base.model_copy(
         update={
             "topic_prefix": unique("t").replace("-", ""),
             "mqtt_client_id": unique("bridge"),
             "writer_group": unique("writer"),
-            "influx_db": unique("db").replace("-", "_"),
+            "influx_db": database,
             "mqtt_session_expiry_s": 300,
             "metrics_port": 0,
+            # On InfluxDB 2.x the test's own bucket, mapped to a database of its name.
+            **({"influx_bucket": database} if base.influx_v2 else {}),
             **overrides,
         }
     )
     await ensure_topics(own)
-    async with InfluxClient(str(own.influx_url)) as influx:
+    async with InfluxClient.for_settings(own) as influx:
         if await influx.ping():
-            await influx.create_database(own.influx_db)
+            await influx.create_database(own.influx_database)
     return own
 
 
@@ -191,8 +196,8 @@ def running_writer(settings: Settings) -> AbstractAsyncContextManager[Writer]:
 
 async def influx_rows(settings: Settings, query: str) -> list[list[Any]]:
     """The rows of every series an InfluxQL query returns from the settings' database."""
-    async with InfluxClient(str(settings.influx_url), auth=settings.influx_auth) as influx:
-        return await influx.rows(query, db=settings.influx_db)
+    async with InfluxClient.for_settings(settings) as influx:
+        return await influx.rows(query, db=settings.influx_database)
 
 
 async def influx_count(settings: Settings, measurement: str, field: str = "seq") -> int:
@@ -241,3 +246,22 @@ types:
       - {name: leak, kind: bool}
       - {name: tips, kind: int, min: 0}
 """
+
+
+def quiet(_: str) -> None:
+    """A progress report nobody reads."""
+
+
+@asynccontextmanager
+async def set_up(settings: Settings) -> AsyncIterator[Settings]:
+    """`settings`' InfluxDB set up by `iotgw influx setup` (retention, rollups); the
+    rollups removed afterwards, so they stop running (a 2.x task outlives its bucket)."""
+    await setup_influx(settings, quiet)
+    try:
+        yield settings
+    finally:
+        async with InfluxClient.for_settings(settings) as influx:
+            if influx.v2:
+                await influx.delete_task(rollup_task_name(settings.influx_database))
+            else:
+                await influx.query(f'DROP DATABASE "{settings.influx_database}"', method="POST")

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from gateway.cli.bench import bench_app
 from gateway.cli.broker import broker_app
 from gateway.cli.devices import devices_app
+from gateway.cli.influx import influx_app
 from gateway.cli.pending import add_pending_commands
 from gateway.cli.rules import rules_app
 from gateway.cli.run import run_app
@@ -47,6 +48,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+app.add_typer(influx_app, name="influx")
 add_pending_commands(devices_app)
 app.add_typer(devices_app, name="devices")
 app.add_typer(broker_app, name="broker")

@@ -7,6 +7,8 @@ image, so it is imported when a stack command runs.
 from __future__ import annotations
 
 import asyncio
+import shlex
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -60,6 +62,13 @@ def _server_table(servers: list[ServerStatus]) -> Table:
     return table
 
 
+class InfluxVersion(StrEnum):
+    """The InfluxDB the stack runs, as `--influxdb` names it."""
+
+    V1 = "1"
+    V2 = "2"
+
+
 @stack_app.command("up")
 def stack_up(
     kafka_brokers: Annotated[
@@ -78,6 +87,14 @@ def stack_up(
         int | None,
         typer.Option(help="One broker: the port clients are told to use (a proxy in front)."),
     ] = None,
+    influxdb: Annotated[
+        InfluxVersion,
+        typer.Option(
+            "--influxdb",
+            help="1: Debian's InfluxDB 1.6.7, installed in seconds; 2: InfluxDB 2.7, built "
+            "from source once (Go, Rust and gcc; about 6 min cold, then cached).",
+        ),
+    ] = InfluxVersion.V1,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for each server (default per server).")
     ] = None,
@@ -89,7 +106,7 @@ def stack_up(
     settings = load_settings()
     plan = stack.StackPlan(
         root, mqtt_port, kafka_port, kafka_brokers, influx_port, mqtts_port=mqtts_port,
-        kafka_advertised_port=kafka_advertised_port,
+        kafka_advertised_port=kafka_advertised_port, influx_version=int(influxdb.value),
     )  # fmt: skip
     result = asyncio.run(stack.up(plan, settings, report=say, timeout_s=timeout))
     console.print(_server_table(result.servers))
@@ -101,6 +118,17 @@ def stack_up(
             f"gateway login {GATEWAY_USER}, its password in {plan.gateway_password_file})",
             soft_wrap=True,
             highlight=False,
+        )
+    if "influxdb" in plan.kinds and plan.influx_version == 2:
+        influx = stack.influx_settings(plan, settings)
+        console.print(
+            "InfluxDB 2.7: the gateway writes to it with\n"
+            f"export IOTGW_INFLUX_ORG={influx.influx_org}\n"
+            f"export IOTGW_INFLUX_BUCKET={influx.influx_bucket}\n"
+            f'export IOTGW_INFLUX_TOKEN="$(cat {shlex.quote(str(plan.influx_token_file))})"',
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
         )
     console.print(
         f"stack ready in {result.seconds:.1f} s (Apache Kafka {result.kafka_version}); "

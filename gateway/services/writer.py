@@ -198,7 +198,8 @@ class InOrderCommits:
 
 
 class Writer:
-    """`iotgw run writer`: consumer group `iotgw-writer`, batches into InfluxDB `/write`.
+    """`iotgw run writer`: consumer group `iotgw-writer`, batches into InfluxDB (1.x's
+    `/write`, or 2.x's bucket through influxdb-client).
 
     A batch is written when it holds `writer_batch_size` points or is
     `writer_flush_interval_s` old; up to WRITES_IN_FLIGHT batches are written at once, each
@@ -223,9 +224,7 @@ class Writer:
         }
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._influx = InfluxClient(
-            str(settings.influx_url), timeout_s=settings.timeout_s, auth=settings.influx_auth
-        )
+        self._influx = InfluxClient.for_settings(settings)
         self._influx_ok = False
         self._writes = InOrderCommits()
         # Writes waiting to be retried: while there is one, consumption is paused.
@@ -271,7 +270,8 @@ class Writer:
                 "writer_started",
                 group=self.settings.writer_group,
                 influx=self.settings.influx_url,
-                db=self.settings.influx_db,
+                version=2 if self._influx.v2 else 1,
+                db=self.settings.influx_database,
                 batch=self.settings.writer_batch_size,
                 writes_in_flight=WRITES_IN_FLIGHT,
                 flush_s=self.settings.writer_flush_interval_s,
@@ -285,18 +285,30 @@ class Writer:
             await self._shutdown()
 
     async def _ensure_database(self) -> None:
-        """Create the database (idempotent), waiting while InfluxDB does not answer.
+        """Create the database or bucket (idempotent), waiting while InfluxDB is not ready.
 
-        A user without admin rights may not create databases (403); it may write to one
-        that exists, which is how a deployment with authentication is set up.
+        A 1.x user without admin rights may not create databases (403); it may write to
+        one that exists, which is how a deployment with authentication is set up. A 2.x
+        token may be allowed to write and no more (403): then the bucket is taken to exist,
+        and a write to a missing one is retried (never a dead letter) with InfluxDB's
+        reason. A refused login or token (401) stops the writer with one line.
         """
-        db = self.settings.influx_db
+        db = self.settings.influx_database
         for attempt in itertools.count():
             try:
+                if not await self._influx.ping():
+                    raise InfluxError(f"InfluxDB at {self._influx.url} is not ready", 0)
                 await self._influx.create_database(db)
                 self._influx_ok = True
                 return
             except InfluxError as exc:
+                if exc.status == 401:
+                    login = "token" if self._influx.v2 else "login"
+                    raise IotgwError(f"InfluxDB refused the {login}: {exc.reason[:200]}") from None
+                if exc.status == 403 and self._influx.v2:
+                    log.warning("influx_bucket_unchecked", bucket=db, error=exc.reason[:200])
+                    self._influx_ok = True
+                    return
                 if exc.status == 403:
                     if db in await self._visible_databases():
                         self._influx_ok = True
@@ -305,7 +317,7 @@ class Writer:
                         f"InfluxDB has no database {db} and user {self.settings.influx_username} "
                         "may not create it: create it, or grant the user access to it"
                     ) from None
-                if not exc.retriable:
+                if not exc.retriable or exc.status == 404:
                     raise IotgwError(
                         f"InfluxDB refused to create the database: {exc.reason[:200]}"
                     ) from None
@@ -405,7 +417,7 @@ class Writer:
             while True:
                 started = time.monotonic()
                 try:
-                    await self._influx.write(self.settings.influx_db, body)
+                    await self._influx.write(self.settings.influx_database, body)
                     status, reason = 204, ""
                 except InfluxError as exc:
                     if not exc.retriable:
@@ -482,7 +494,7 @@ class Writer:
             now_ms(),
         )
         with contextlib.suppress(InfluxError):
-            await self._influx.write(self.settings.influx_db, line)
+            await self._influx.write(self.settings.influx_database, line)
 
     async def _shutdown(self) -> None:
         if self._consumer is not None:

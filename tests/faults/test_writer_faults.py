@@ -34,15 +34,21 @@ def readings(device: str, first: int, count: int, t0: int) -> list[tuple[bytes |
     ]
 
 
-async def test_influxdb_outage_of_30_s_loses_no_point(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2], ids=["influxdb1.6", "influxdb2.7"])
+async def test_influxdb_outage_of_30_s_loses_no_point(
+    settings: Settings, tmp_path: Path, version: int
+) -> None:
     """InfluxDB stops for 30 s while readings keep coming: the writer pauses and retries,
     and once InfluxDB is back every point is there."""
     plan = stack.StackPlan(
-        tmp_path / "influx", influx_port=free_ports(1, step=2), kinds=("influxdb",)
+        tmp_path / "influx",
+        influx_port=free_ports(1, step=2),
+        kinds=("influxdb",),
+        influx_version=version,
     )
     await stack.up(plan, settings)
     s = await own_settings(
-        settings, influx_url=plan.influx_url, writer_flush_interval_s=0.2, timeout_s=3.0
+        stack.influx_settings(plan, settings), writer_flush_interval_s=0.2, timeout_s=3.0
     )
     device, t0 = unique("thermo"), now_ms() - 3_600_000
     topic = Topics(s.topic_prefix).readings

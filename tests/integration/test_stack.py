@@ -6,12 +6,14 @@ import asyncio
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -19,8 +21,10 @@ from aiokafka.errors import NodeNotReadyError
 from gmqtt import Client
 
 from devstack import stack
+from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import broker_ids, create_producer, kafka_admin
 from gateway.adapters.mqtt import publish_in_window
+from gateway.clock import now_ms
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -144,6 +148,65 @@ async def test_port_in_use_is_reported(tmp_path: Path) -> None:
         with pytest.raises(IotgwError, match=f"port {port} for mosquitto is already in use"):
             await stack.up(plan, Settings())
     assert stack.status(plan.root) == [] or not any(s.up for s in stack.status(plan.root))
+
+
+# The first run on a machine builds influxd (about 5 minutes with cold caches).
+@pytest.mark.timeout(900)
+async def test_influxdb2_is_set_up_once_and_serves_influxql(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InfluxDB 2.7 alone: healthy, its token owner-only and kept across `up`s, a written
+    point read back with InfluxQL, 1.x refused while it runs, stopped by `down` with SIGINT."""
+    plan = stack.StackPlan(
+        tmp_path / "stack", influx_port=free_ports(1), kinds=("influxdb",), influx_version=2
+    )
+    said: list[str] = []
+    await stack.up(plan, stack_settings(plan), report=said.append)
+    try:
+        async with httpx.AsyncClient(base_url=plan.influx_url) as http:
+            health = (await http.get("/health")).json()
+        assert (health["status"], health["version"]) == ("pass", "2.7.12")
+        for secret in (plan.influx_token_file, plan.influx_password_file):
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        token = plan.influx_token()
+        assert [line for line in said if line.startswith("set up InfluxDB 2")]
+
+        settings = stack.influx_settings(plan, stack_settings(plan))
+        bucket = stack_settings(plan).influx_database
+        assert (settings.influx_org, settings.influx_bucket) == ("iotgw", bucket)
+        measurement, at = unique("probe").replace("-", "_"), now_ms()
+        query = f'SELECT "temperature_c" FROM "{measurement}"'
+        async with InfluxClient.for_settings(settings) as influx:
+            await influx.write(bucket, f"{measurement},device_id=d1 temperature_c=21.5 {at}")
+            assert await influx.rows(query, db=bucket) == [[at, 21.5]]
+
+        again: list[str] = []
+        report = await stack.up(plan, stack_settings(plan), report=again.append)
+        assert report.started == []
+        assert plan.influx_token() == token
+        assert not [line for line in again if line.startswith(("set up", "building"))]
+
+        with pytest.raises(IotgwError, match=r"InfluxDB 2 is running .* --influxdb 1"):
+            await stack.up(
+                stack.StackPlan(plan.root, influx_port=plan.influx_port, kinds=("influxdb",)),
+                stack_settings(plan),
+            )
+
+        sent: list[tuple[int, int]] = []
+        kill = os.kill
+
+        def recorded_kill(pid: int, sig: int) -> None:
+            sent.append((pid, sig))
+            kill(pid, sig)
+
+        [server] = stack.status(plan.root)
+        monkeypatch.setattr(os, "kill", recorded_kill)
+        assert stack.down(plan.root) == ["influxdb"]
+        assert sent == [(server.pid, signal.SIGINT)]
+        assert not any(s.up or s.pid for s in stack.status(plan.root))
+    finally:
+        monkeypatch.undo()
+        stack.down(plan.root, purge=True)
 
 
 async def test_mosquitto_keeps_a_large_backlog_across_a_restart(tmp_path: Path) -> None:

@@ -6,10 +6,13 @@ import json
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import SecretStr
 
+from devstack import stack
 from gateway.adapters.influx import InfluxClient
 from gateway.adapters.kafka import produce, topic_partitions
 from gateway.clock import now_ms
+from gateway.errors import IotgwError
 from gateway.services.writer import Writer
 from gateway.settings import Settings
 from gateway.topics import Topics
@@ -23,6 +26,7 @@ from tests.support import (
     own_settings,
     register,
     running_writer,
+    set_up,
     until,
     until_points,
 )
@@ -31,8 +35,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def writer_settings(settings: Settings) -> Settings:
-    return await own_settings(settings, writer_flush_interval_s=0.2)
+async def writer_settings(any_influx: Settings) -> Settings:
+    """This test's own topics and database, on InfluxDB 1.6.7 and on 2.7."""
+    return await own_settings(any_influx, writer_flush_interval_s=0.2)
 
 
 async def test_every_reading_becomes_exactly_one_point(writer_settings: Settings) -> None:
@@ -120,10 +125,9 @@ async def test_refused_points_become_dead_letters_and_the_rest_is_written(
     topic as influx_rejected; every other point of the batches is written."""
     s = writer_settings
     t0 = now_ms() - 60_000
-    async with InfluxClient(str(s.influx_url)) as influx:
-        await influx.create_database(s.influx_db)
+    async with InfluxClient.for_settings(s) as influx:
         # humidity_pct as a string: every float humidity_pct after it is a type conflict.
-        await influx.write(s.influx_db, f'air_quality,device_id=seed humidity_pct="x" {t0}')
+        await influx.write(s.influx_database, f'air_quality,device_id=seed humidity_pct="x" {t0}')
     good, bad = unique("thermo"), unique("aq")
     records: list[tuple[bytes | None, bytes]] = []
     for i in range(100):
@@ -184,3 +188,43 @@ async def test_alerts_are_written_to_the_alerts_measurement(writer_settings: Set
         [t0, "firing", 1.0, "open for 10m", "door-left-open", "flat"],
         [t0 + 5000, "resolved", 0.0, "closed", "door-left-open", "flat"],
     ]
+
+
+async def test_a_reading_older_than_the_retention_is_a_dead_letter_saying_so(
+    writer_settings: Settings,
+) -> None:
+    """Raw readings kept 1 h: a 3-hour-old reading is refused by InfluxDB and becomes an
+    `influx_rejected` dead letter naming the retention; the recent ones are points."""
+    s = writer_settings.model_copy(update={"influx_retention": 3600})
+    device = unique("thermo")
+    now = now_ms()
+    records = [
+        (device.encode(), canonical(device, "thermostat", i, now - 60_000 + i, temperature_c=20.0))
+        for i in range(20)
+    ]
+    old = canonical(device, "thermostat", 999, now - 3 * 3_600_000, temperature_c=19.0)
+    records.insert(10, (device.encode(), old))
+    topics = Topics(s.topic_prefix)
+    async with set_up(s):
+        await produce(s, topics.readings, records)
+        async with TopicReader(s, topics.dead_letters) as dead, running_writer(s):
+            await until_points(s, "thermostat", 20)
+            await dead.wait_for(1)
+        assert await influx_count(s, "thermostat") == 20
+    [refused] = dead.records
+    headers = dict(refused.headers)
+    assert headers["error"] == b"influx_rejected"
+    assert b"retention" in headers["detail"]
+    assert refused.value == old
+
+
+async def test_a_wrong_influxdb2_token_stops_the_writer_with_one_line(
+    settings: Settings, influxdb2_stack: stack.StackPlan
+) -> None:
+    """InfluxDB 2.x refuses the token: the writer stops at start saying so, token unshown."""
+    s = await own_settings(stack.influx_settings(influxdb2_stack, settings))
+    wrong = s.model_copy(update={"influx_token": SecretStr("not-the-token")})
+    with pytest.raises(IotgwError, match=r"^InfluxDB refused the token: ") as refused:
+        async with running_writer(wrong):
+            pass
+    assert "not-the-token" not in str(refused.value)

@@ -145,7 +145,50 @@ def test_environment_configures_another_process_the_same(monkeypatch: pytest.Mon
         influx_username="writer",
         influx_password="hunter2",
         writer_flush_interval_s=0.2,
+        influx_rollup_retention="inf",
+        influx_rollup_every="90s",
     )
     for name, value in original.environment().items():
         monkeypatch.setenv(name, value)
     assert load_settings() == original
+
+
+def test_influxdb_2_needs_org_bucket_and_token_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token without an organisation or bucket is one line naming all three."""
+    monkeypatch.setenv("IOTGW_INFLUX_TOKEN", "t0ken-never-shown")
+    monkeypatch.setenv("IOTGW_INFLUX_ORG", "home")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "invalid settings: InfluxDB 2.x needs IOTGW_INFLUX_ORG, IOTGW_INFLUX_BUCKET and "
+        "IOTGW_INFLUX_TOKEN"
+    )
+    monkeypatch.setenv("IOTGW_INFLUX_BUCKET", "house")
+    settings = load_settings()
+    assert (settings.influx_v2, settings.influx_database) == (True, "house")
+    assert "t0ken-never-shown" not in repr(settings)
+
+
+def test_retention_settings_read_durations_and_refuse_less_than_an_hour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """30d, 2y and inf are seconds (0 = forever); 30m is refused as InfluxDB would."""
+    assert Settings().influx_retention == 30 * 86400
+    assert Settings().influx_rollup_retention == 2 * 365 * 86400
+    monkeypatch.setenv("IOTGW_INFLUX_RETENTION", "90d")
+    monkeypatch.setenv("IOTGW_INFLUX_ROLLUP_RETENTION", "inf")
+    monkeypatch.setenv("IOTGW_INFLUX_ROLLUP_EVERY", "5m")
+    settings = load_settings()
+    assert settings.influx_retention == 90 * 86400
+    assert settings.influx_rollup_retention == 0
+    assert settings.influx_rollup_every == 300
+    monkeypatch.setenv("IOTGW_INFLUX_RETENTION", "30m")
+    monkeypatch.setenv("IOTGW_INFLUX_ROLLUP_EVERY", "2h")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).splitlines() == [
+        "invalid setting IOTGW_INFLUX_RETENTION (influx_retention in iotgw.toml): "
+        "a retention is at least 1h (InfluxDB's shortest), or inf",
+        "invalid setting IOTGW_INFLUX_ROLLUP_EVERY (influx_rollup_every in iotgw.toml): "
+        "the rollups are recomputed every 1s to 1h",
+    ]

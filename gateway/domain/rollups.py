@@ -1,0 +1,269 @@
+"""Retention and hourly rollups, as InfluxDB itself runs them (pure logic: the statements).
+
+Raw readings are kept `IOTGW_INFLUX_RETENTION`; every hour of every device's metrics is
+summed up into the rollup retention policy (1.x) or bucket (2.x), kept
+`IOTGW_INFLUX_ROLLUP_RETENTION`. A rollup point has the reading's measurement (its type)
+and tags, the hour's start as its time, and per metric:
+
+- a number (float or int): `<metric>_mean`, `<metric>_min`, `<metric>_max`, `<metric>_count`;
+- a boolean: `<metric>_count` (readings) and `<metric>_true` (readings that were true;
+  absent in an hour without one), so `sum(<metric>_true) / sum(<metric>_count)` is the
+  share of readings that were true.
+
+InfluxDB recomputes the last two hours every `IOTGW_INFLUX_ROLLUP_EVERY` (10 minutes): the
+current hour fills in as it goes, and readings that arrive up to an hour late are counted.
+On 1.x continuous queries do it (RESAMPLE EVERY ... FOR 2h), on 2.x a task.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from schemas.types import TypeCatalogue, TypeSpec
+
+__all__ = [
+    "RAW_RETENTION_S",
+    "ROLLUP_EVERY_S",
+    "ROLLUP_RETENTION_POLICY",
+    "ROLLUP_RETENTION_S",
+    "ROLLUP_WINDOW_S",
+    "Retention",
+    "RollupEvery",
+    "continuous_queries",
+    "influxql_duration",
+    "rollup_bucket",
+    "rollup_task",
+    "rollup_task_name",
+    "shard_duration_s",
+    "shown_duration",
+]
+
+HOUR_S = 3600
+DAY_S = 24 * HOUR_S
+RAW_RETENTION_S = 30 * DAY_S
+ROLLUP_RETENTION_S = 2 * 365 * DAY_S
+ROLLUP_EVERY_S = 600
+# How far back each run recomputes: the hour before the current one, and the current one.
+ROLLUP_WINDOW_S = 2 * HOUR_S
+# 1.x: the retention policy the rollups go to (on 2.x, the DBRP mapping of that name).
+ROLLUP_RETENTION_POLICY = "rollup"
+# Continuous queries and tasks iotgw made carry this prefix (and only theirs are replaced).
+_PREFIX = "iotgw_rollup"
+
+_UNITS_S = {"s": 1, "m": 60, "h": HOUR_S, "d": DAY_S, "w": 7 * DAY_S, "y": 365 * DAY_S}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdwy])\s*$")
+_FOREVER = {"inf", "infinite", "forever"}
+
+
+def _seconds(value: Any, what: str, examples: str) -> int:
+    """A duration with a unit, or a whole number of seconds (as `Settings.environment`
+    passes it on)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} is a number and a unit: {examples}")
+    if isinstance(value, int | float):
+        return int(value)
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{what} is a number and a unit: {examples}")
+    return int(match.group(1)) * _UNITS_S[match.group(2)]
+
+
+def _retention(value: Any) -> int:
+    """`30d`, `8w`, `2y` (365 days), `inf` (kept forever: 0), or seconds."""
+    if isinstance(value, str) and value.strip().lower() in _FOREVER:
+        return 0
+    seconds = _seconds(value, "a retention", "12h, 30d, 8w, 2y, or inf")
+    if seconds and seconds < HOUR_S:
+        raise ValueError("a retention is at least 1h (InfluxDB's shortest), or inf")
+    return seconds
+
+
+def _every(value: Any) -> int:
+    seconds = _seconds(value, "a rollup interval", "30s, 10m, 1h")
+    if not 1 <= seconds <= HOUR_S:
+        raise ValueError("the rollups are recomputed every 1s to 1h")
+    return seconds
+
+
+Retention = Annotated[int, BeforeValidator(_retention), Field(ge=0)]
+RollupEvery = Annotated[int, BeforeValidator(_every)]
+
+
+def shown_duration(seconds: int) -> str:
+    """A duration as people write it: `30d`, `2y`, `90m`; `forever` for 0."""
+    if not seconds:
+        return "forever"
+    for unit in ("y", "w", "d", "h", "m"):
+        if seconds % _UNITS_S[unit] == 0:
+            return f"{seconds // _UNITS_S[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def influxql_duration(seconds: int) -> str:
+    """A duration in InfluxQL (which has no years): `720h`, `INF` for 0."""
+    if not seconds:
+        return "INF"
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS_S[unit] == 0:
+            return f"{seconds // _UNITS_S[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def shard_duration_s(retention_s: int) -> int:
+    """InfluxDB's own default shard group duration for a retention (0: forever), which
+    must be shorter than the retention: under 2 days 1 hour, up to 6 months 1 day, else
+    7 days."""
+    if not retention_s or retention_s > 182 * DAY_S:
+        return 7 * DAY_S
+    return HOUR_S if retention_s < 2 * DAY_S else DAY_S
+
+
+def _ident(name: str) -> str:
+    """An InfluxQL identifier, quoted."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class ContinuousQuery:
+    name: str
+    statement: str
+
+
+def _numbers(spec: TypeSpec) -> list[str]:
+    return [m.name for m in spec.metrics if m.kind != "bool"]
+
+
+def continuous_queries(
+    catalogue: TypeCatalogue, database: str, raw_rp: str, every_s: int
+) -> list[ContinuousQuery]:
+    """1.x: per device type one continuous query of its numbers' mean, min, max and count
+    and its booleans' count, and per boolean one of the readings that were true."""
+    queries = []
+    resample = (
+        f"RESAMPLE EVERY {influxql_duration(every_s)} FOR {influxql_duration(ROLLUP_WINDOW_S)}"
+    )
+    for name in catalogue.names:
+        spec = catalogue.get(name)
+        assert spec is not None
+        into = f"{_ident(database)}.{_ident(ROLLUP_RETENTION_POLICY)}.{_ident(name)}"
+        source = f"{_ident(database)}.{_ident(raw_rp)}.{_ident(name)}"
+        selections = []
+        for metric in _numbers(spec):
+            for fn in ("mean", "min", "max", "count"):
+                selections.append(f"{fn}({_ident(metric)}) AS {_ident(f'{metric}_{fn}')}")
+        for metric in sorted(spec.booleans):
+            selections.append(f"count({_ident(metric)}) AS {_ident(f'{metric}_count')}")
+        queries.append(
+            _cq(database, f"{_PREFIX}_{name}", resample, selections, into, source, where="")
+        )
+        for metric in sorted(spec.booleans):
+            selection = f"count({_ident(metric)}) AS {_ident(f'{metric}_true')}"
+            where = f" WHERE {_ident(metric)} = true"
+            queries.append(
+                _cq(
+                    database,
+                    f"{_PREFIX}_{name}_{metric}_true",
+                    resample,
+                    [selection],
+                    into,
+                    source,
+                    where,
+                )
+            )
+    return queries
+
+
+def _cq(
+    database: str,
+    name: str,
+    resample: str,
+    selections: list[str],
+    into: str,
+    source: str,
+    where: str,
+) -> ContinuousQuery:
+    select = f"SELECT {', '.join(selections)} INTO {into} FROM {source}{where} GROUP BY time(1h), *"
+    statement = (
+        f"CREATE CONTINUOUS QUERY {_ident(name)} ON {_ident(database)} {resample} "
+        f"BEGIN {select} END"
+    )
+    return ContinuousQuery(name, statement)
+
+
+def is_rollup_query(name: str) -> bool:
+    """True for the continuous queries iotgw made (and may replace)."""
+    return name.startswith(_PREFIX + "_")
+
+
+def rollup_bucket(bucket: str) -> str:
+    """2.x: the bucket of `bucket`'s rollups."""
+    return f"{bucket}_{ROLLUP_RETENTION_POLICY}"
+
+
+def rollup_task_name(bucket: str) -> str:
+    return f"{_PREFIX}_{bucket}"
+
+
+def _flux(value: str) -> str:
+    """A Flux string literal."""
+    return json.dumps(value)
+
+
+def _field_filter(pairs: Iterable[tuple[str, str]]) -> str:
+    """A Flux predicate: the row is one of these (measurement, field) pairs."""
+    keys = sorted(f"{measurement}/{field}" for measurement, field in pairs)
+    listed = ", ".join(_flux(key) for key in keys)
+    return (
+        f'(r) => contains(value: r._measurement + "/" + r._field, set: [{listed}])'
+        if keys
+        else "(r) => false"
+    )
+
+
+def rollup_task(catalogue: TypeCatalogue, bucket: str, every_s: int) -> str:
+    """2.x: the Flux of the task that rolls `bucket`'s readings up into its rollup bucket."""
+    numbers, booleans = [], []
+    for name in catalogue.names:
+        spec = catalogue.get(name)
+        assert spec is not None
+        numbers += [(name, metric) for metric in _numbers(spec)]
+        booleans += [(name, metric) for metric in sorted(spec.booleans)]
+    into = _flux(rollup_bucket(bucket))
+    return "\n".join(
+        [
+            'import "date"',
+            "",
+            f"option task = {{name: {_flux(rollup_task_name(bucket))}, every: {every_s}s}}",
+            "",
+            f"start = date.truncate(t: -{ROLLUP_WINDOW_S - HOUR_S}s, unit: 1h)",
+            f"raw = from(bucket: {_flux(bucket)}) |> range(start: start)",
+            f"numbers = raw |> filter(fn: {_field_filter(numbers)})",
+            f"booleans = raw |> filter(fn: {_field_filter(booleans)})",
+            "hourly = (tables=<-, fn, suffix) => tables",
+            '    |> aggregateWindow(every: 1h, fn: fn, createEmpty: false, timeSrc: "_start")',
+            "    |> map(fn: (r) => ({r with _field: r._field + suffix}))",
+            "",
+            f'numbers |> hourly(fn: mean, suffix: "_mean") |> to(bucket: {into})',
+            f'numbers |> hourly(fn: min, suffix: "_min") |> to(bucket: {into})',
+            f'numbers |> hourly(fn: max, suffix: "_max") |> to(bucket: {into})',
+            f'numbers |> hourly(fn: count, suffix: "_count") |> to(bucket: {into})',
+            f'booleans |> hourly(fn: count, suffix: "_count") |> to(bucket: {into})',
+            "// As on 1.x, where the continuous query of the trues finds no row: an hour",
+            "// without a true reading has no _true field.",
+            "booleans",
+            "    |> filter(fn: (r) => r._value == true)",
+            "    |> map(fn: (r) => ({r with _value: 1}))",
+            '    |> hourly(fn: sum, suffix: "_true")',
+            f"    |> to(bucket: {into})",
+            "",
+        ]
+    )
