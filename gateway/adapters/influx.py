@@ -143,13 +143,7 @@ class InfluxClient:
         response = await self._send(
             "POST", "/write", params={"db": db, "precision": precision}, content=body
         )
-        if not 200 <= response.status_code < 300:
-            reason = influx_reason(response)
-            raise InfluxError(
-                f"InfluxDB rejected a write ({response.status_code}): {reason}",
-                response.status_code,
-                reason,
-            )
+        _raise_unless_2xx(response, "InfluxDB rejected a write")
 
     async def _write_v2(self, bucket: str, body: bytes, precision: str) -> None:
         assert self._token is not None
@@ -295,13 +289,7 @@ class InfluxClient:
         response = await self._send(method, path, **kwargs)
         if response.status_code == 404 and missing_ok:
             return {}
-        if not 200 <= response.status_code < 300:
-            reason = influx_reason(response)
-            raise InfluxError(
-                f"InfluxDB refused {method} {path} ({response.status_code}): {reason}",
-                response.status_code,
-                reason,
-            )
+        _raise_unless_2xx(response, f"InfluxDB refused {method} {path}")
         return _json(response) if response.content else {}
 
     async def query(self, q: str, *, db: str | None = None, method: str = "GET") -> list[Any]:
@@ -310,13 +298,7 @@ class InfluxClient:
         if db is not None:
             params["db"] = db
         response = await self._send(method, "/query", params=params)
-        if response.status_code != 200:
-            reason = influx_reason(response)
-            raise InfluxError(
-                f"InfluxDB query failed ({response.status_code}): {reason}",
-                response.status_code,
-                reason,
-            )
+        _raise_unless_2xx(response, "InfluxDB query failed")
         results: list[Any] = response.json().get("results", [])
         for result in results:
             if "error" in result:
@@ -343,6 +325,15 @@ def rows(results: list[Any]) -> list[list[Any]]:
         for series in result.get("series", [])
         for row in series.get("values", [])
     ]
+
+
+def _raise_unless_2xx(response: httpx.Response, failed: str) -> None:
+    """InfluxError saying `failed`, the status and InfluxDB's reason, unless 2xx."""
+    if not 200 <= response.status_code < 300:
+        reason = influx_reason(response)
+        raise InfluxError(
+            f"{failed} ({response.status_code}): {reason}", response.status_code, reason
+        )
 
 
 def influx_reason(response: httpx.Response) -> str:
