@@ -1,8 +1,11 @@
-"""compose/docker-compose.yml, checked by a real Compose implementation (Debian's
-docker-compose, which loads and validates a file without a Docker engine)."""
+"""compose/docker-compose.yml, alone (InfluxDB 1.x) and with docker-compose.influxdb2.yml
+(InfluxDB 2.7), checked by a real Compose implementation (Debian's docker-compose, which
+loads, merges and validates files without a Docker engine)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -14,23 +17,49 @@ import yaml
 from devstack import stack
 from devstack.installer import ensure_debian_packages
 from gateway.adapters.mosquitto_auth import GATEWAY_USER
+from gateway.domain.rollups import influxql_duration, rollup_bucket
 from gateway.settings import Settings, parse_mqtt_url
 
 pytestmark = pytest.mark.integration
 
 COMPOSE = stack.PROJECT_ROOT / "compose"
 ENV_EXAMPLE = COMPOSE / ".env.example"
+# The files of each deployment, in the order Compose merges them.
+DEPLOYMENTS = {
+    "influxdb1": ["docker-compose.yml"],
+    "influxdb2": ["docker-compose.yml", "docker-compose.influxdb2.yml"],
+}
 IOTGW_SERVICES = {
-    "broker-init", "admin", "topics", "bridge", "writer", "rules", "state", "simulator",
+    "broker-init", "admin", "influx-setup", "topics", "bridge", "writer", "rules", "state",
+    "simulator",
 }  # fmt: skip
 ALL_SERVICES = IOTGW_SERVICES | {"mosquitto", "kafka", "kafka-2", "kafka-3", "influxdb", "grafana"}
 
 
 @pytest.fixture(scope="module")
-def compose_command(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def docker_compose(tmp_path_factory: pytest.TempPathFactory) -> str:
     log = tmp_path_factory.mktemp("install") / "install.log"
     ensure_debian_packages(["docker-compose"], log, print)
-    return ["docker-compose", "-f", str(COMPOSE / "docker-compose.yml")]
+    return "docker-compose"
+
+
+def deployment(docker_compose: str, name: str) -> list[str]:
+    """The Compose command of a deployment: its files named in order."""
+    return [
+        docker_compose,
+        *(arg for file in DEPLOYMENTS[name] for arg in ("-f", str(COMPOSE / file))),
+    ]
+
+
+@pytest.fixture(scope="module", params=list(DEPLOYMENTS))
+def compose_command(request: pytest.FixtureRequest, docker_compose: str) -> list[str]:
+    """Each deployment in turn: what holds for one holds for both."""
+    return deployment(docker_compose, request.param)
+
+
+@pytest.fixture(scope="module")
+def influxdb2_command(docker_compose: str) -> list[str]:
+    return deployment(docker_compose, "influxdb2")
 
 
 def config(command: list[str], *options: str, env_file: Path = ENV_EXAMPLE) -> dict[str, Any]:
@@ -42,6 +71,19 @@ def config(command: list[str], *options: str, env_file: Path = ENV_EXAMPLE) -> d
     assert result.returncode == 0, result.stderr
     loaded: dict[str, Any] = yaml.safe_load(result.stdout)
     return loaded
+
+
+def env_file(path: Path = ENV_EXAMPLE) -> dict[str, str]:
+    """The variables an env file sets."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def service_settings(service: dict[str, Any]) -> Settings:
+    """The settings an iotgw service starts with, from the environment Compose gives it."""
+    fields = {name.removeprefix("IOTGW_").lower(): value
+              for name, value in service["environment"].items()}  # fmt: skip
+    return Settings(**fields)
 
 
 def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
@@ -150,21 +192,25 @@ def test_iotgw_services_log_in_on_tls_and_one_bridge_keeps_the_order(
         assert "healthcheck" in services[name], name
 
 
+def refusal_without(command: list[str], variable: str, folder: Path) -> str:
+    """What Compose says of .env.example without `variable` (it must refuse)."""
+    env = folder / ".env"
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    env.write_text("\n".join(line for line in lines if not line.startswith(f"{variable}=")))
+    result = subprocess.run(
+        [*command, "--env-file", str(env), "config"],
+        capture_output=True, text=True, timeout=60, cwd=COMPOSE,
+    )  # fmt: skip
+    assert result.returncode != 0
+    return result.stderr
+
+
 def test_a_missing_password_stops_compose_with_its_name(
     compose_command: list[str], tmp_path: Path
 ) -> None:
     """.env.example documents every variable; leaving out a password is refused by name."""
-    env_file = tmp_path / ".env"
-    lines = ENV_EXAMPLE.read_text().splitlines()
-    env_file.write_text(
-        "\n".join(line for line in lines if not line.startswith("INFLUX_WRITER_PASSWORD="))
-    )
-    result = subprocess.run(
-        [*compose_command, "--env-file", str(env_file), "config"],
-        capture_output=True, text=True, timeout=60, cwd=COMPOSE,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "set INFLUX_WRITER_PASSWORD in compose/.env" in result.stderr
+    refusal = refusal_without(compose_command, "INFLUX_WRITER_PASSWORD", tmp_path)
+    assert "set INFLUX_WRITER_PASSWORD in compose/.env" in refusal
 
 
 def test_dockerfile_installs_from_the_lock_and_runs_as_non_root() -> None:
@@ -207,3 +253,106 @@ def test_secrets_are_mounted_only_where_needed(compose_command: list[str]) -> No
     assert mounting("mosquitto-auth") == {"broker-init": "rw", "admin": "rw", "mosquitto": "ro"}
     assert set(mounting("certs").values()) == {"ro", "rw"}
     assert {n for n, mode in mounting("certs").items() if mode == "rw"} == {"broker-init"}
+
+
+def test_influx_setup_runs_before_the_writer_and_grafana(compose_command: list[str]) -> None:
+    """`iotgw influx setup` runs once per start when InfluxDB is healthy, with a login that
+    may set retention and rollups (1.x: the admin; 2.x: the admin token); the writer and
+    Grafana wait until it succeeded."""
+    services = config(compose_command)["services"]
+    setup = services["influx-setup"]
+    assert setup["command"] == ["influx", "setup"]
+    assert setup["restart"] == "no"
+    assert setup["depends_on"] == {"influxdb": {"condition": "service_healthy"}}
+    for name in ("writer", "grafana"):
+        assert services[name]["depends_on"]["influx-setup"] == {
+            "condition": "service_completed_successfully"
+        }
+    env = env_file()
+    settings = service_settings(setup)
+    if settings.influx_token is not None:
+        assert settings.influx_token.get_secret_value() == env["INFLUX_ADMIN_TOKEN"]
+        assert settings.influx_auth is None
+    else:
+        assert settings.influx_auth == (env["INFLUX_ADMIN_USER"], env["INFLUX_ADMIN_PASSWORD"])
+
+
+def test_the_device_dashboard_reads_rollups_beyond_the_deployments_raw_retention(
+    compose_command: list[str],
+) -> None:
+    """The retention the shipped .env sets is the device dashboard's `raw_retention`, past
+    which it reads the hourly rollups; the rollups are kept longer."""
+    settings = service_settings(config(compose_command)["services"]["influx-setup"])
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/device-detail.json").read_text())
+    [raw_retention] = [
+        v["query"] for v in dashboard["templating"]["list"] if v["name"] == "raw_retention"
+    ]
+    assert influxql_duration(settings.influx_retention) == raw_retention
+    assert settings.influx_rollup_retention > settings.influx_retention
+
+
+def test_influxdb2_sets_itself_up_with_the_env_files_org_and_token(
+    influxdb2_command: list[str],
+) -> None:
+    """With the 2.x file InfluxDB is the official 2.7 image, set up at its first start with
+    the .env's organisation and admin token and bucket iot, its data and configuration in
+    volumes; every iotgw service writes to bucket iot with that token, without 1.x's login."""
+    loaded = config(influxdb2_command, "--profile", "demo", "--profile", "admin")
+    influxdb = loaded["services"]["influxdb"]
+    env = env_file()
+    assert influxdb["image"] == "influxdb:2.7"
+    init = {k: v for k, v in influxdb["environment"].items() if k.startswith("DOCKER_INFLUXDB_")}
+    assert init == {
+        "DOCKER_INFLUXDB_INIT_MODE": "setup",
+        "DOCKER_INFLUXDB_INIT_ORG": env["INFLUX_ORG"],
+        "DOCKER_INFLUXDB_INIT_BUCKET": "iot",
+        "DOCKER_INFLUXDB_INIT_USERNAME": env["INFLUX_ADMIN_USER"],
+        "DOCKER_INFLUXDB_INIT_PASSWORD": env["INFLUX_ADMIN_PASSWORD"],
+        "DOCKER_INFLUXDB_INIT_ADMIN_TOKEN": env["INFLUX_ADMIN_TOKEN"],
+    }
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in influxdb["volumes"]}
+    assert volumes["/var/lib/influxdb2"] in loaded["volumes"]
+    assert volumes["/etc/influxdb2"] in loaded["volumes"]
+    assert influxdb["healthcheck"]["test"][-1] == "http://127.0.0.1:8086/health"
+    for name in IOTGW_SERVICES:
+        settings = service_settings(loaded["services"][name])
+        assert settings.influx_token is not None, name
+        assert settings.influx_token.get_secret_value() == env["INFLUX_ADMIN_TOKEN"]
+        assert (settings.influx_org, settings.influx_database) == (env["INFLUX_ORG"], "iot")
+        assert settings.influx_auth is None, name
+
+
+def test_grafana_reads_influxdb2_with_its_read_only_login(influxdb2_command: list[str]) -> None:
+    """Grafana's datasource (the same file as on 1.x) logs in as the .env's reader, whom
+    InfluxDB's first start makes a v1 login that may read bucket iot and its rollup bucket,
+    nothing else."""
+    services = config(influxdb2_command)["services"]
+    influxdb, grafana = services["influxdb"], services["grafana"]
+    for variable in ("INFLUX_READER_USER", "INFLUX_READER_PASSWORD"):
+        assert influxdb["environment"][variable] == grafana["environment"][variable]
+    provisioned = yaml.safe_load(
+        (COMPOSE / "grafana/provisioning/datasources/influxdb.yaml").read_text()
+    )
+    [datasource] = provisioned["datasources"]
+    assert datasource["user"] == "${INFLUX_READER_USER}"
+    assert datasource["secureJsonData"] == {"password": "${INFLUX_READER_PASSWORD}"}
+    assert (
+        datasource["jsonData"]["dbName"] == influxdb["environment"]["DOCKER_INFLUXDB_INIT_BUCKET"]
+    )
+    # The image runs the executable *.sh files of /docker-entrypoint-initdb.d once.
+    script = bind_mounts(influxdb)["/docker-entrypoint-initdb.d/grafana-reader.sh"]
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], timeout=10).returncode == 0
+    # The login may read two buckets, the second the rollups' as iotgw names it, and write none.
+    text = script.read_text()
+    assert f'"{rollup_bucket("${DOCKER_INFLUXDB_INIT_BUCKET}")}"' in text
+    assert text.count("--read-bucket") == 2
+    assert "--write-bucket" not in text
+
+
+def test_a_missing_admin_token_stops_the_influxdb2_deployment_with_its_name(
+    influxdb2_command: list[str], tmp_path: Path
+) -> None:
+    """.env.example documents InfluxDB 2's admin token; leaving it out is refused by name."""
+    refusal = refusal_without(influxdb2_command, "INFLUX_ADMIN_TOKEN", tmp_path)
+    assert "set INFLUX_ADMIN_TOKEN in compose/.env" in refusal

@@ -1,6 +1,7 @@
 """Grafana dashboards: well formed, on the provisioned datasource, and every query returns
 rows from a real InfluxDB that holds simulated readings (of every built-in type and a
-user-defined one), availability, alerts and dead letters."""
+user-defined one), availability, alerts, dead letters and hourly rollups; over long ranges
+the device panels read the rollups beyond the raw retention."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -17,6 +19,13 @@ from gateway.adapters.kafka import create_producer, produce
 from gateway.clock import now_ms
 from gateway.domain.ratelimit import RateLimiter
 from gateway.domain.records import AvailabilityRecord
+from gateway.domain.rollups import (
+    DAY_S,
+    HOUR_S,
+    RAW_RETENTION_S,
+    ROLLUP_RETENTION_POLICY,
+    influxql_duration,
+)
 from gateway.domain.validation import Accepted, ReadingValidator
 from gateway.settings import Settings
 from gateway.topics import Topics, telemetry_topic
@@ -30,6 +39,7 @@ from tests.support import (
     own_settings,
     register,
     running_writer,
+    set_up,
     until_points,
 )
 
@@ -77,6 +87,11 @@ USER_METRICS: dict[str, dict[str, Any]] = {
 }
 
 
+HOUR_MS, DAY_MS = HOUR_S * 1000, DAY_S * 1000
+# A long time range as Grafana asks for it: about a thousand buckets.
+NINETY_DAYS: dict[str, Any] = {"time_range": "90d", "interval_s": 3 * HOUR_S}
+
+
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     for panel in dashboard["panels"]:
@@ -84,6 +99,25 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
         if panel["type"] != "row":
             found.append(panel)
     return found
+
+
+def reads_rollup(query: str) -> bool:
+    """True for a query of the hourly rollups (retention policy, or mapped bucket, rollup)."""
+    return f'FROM "{ROLLUP_RETENTION_POLICY}".' in query
+
+
+def raw_retention() -> str:
+    """The device-detail dashboard's `$raw_retention`, a constant."""
+    [variable] = [
+        v for v in LOADED["device-detail"]["templating"]["list"] if v["name"] == "raw_retention"
+    ]
+    assert variable["type"] == "constant"
+    return str(variable["query"])
+
+
+def expected_titles() -> set[str]:
+    """The device-detail panels of the built-in types' metrics, one each."""
+    return {f"{t}: {m}" for t, metrics in FULL_METRICS.items() for m in metrics}
 
 
 def test_dashboards_are_well_formed_and_use_the_provisioned_datasource() -> None:
@@ -115,9 +149,30 @@ def test_device_detail_has_a_panel_per_metric_of_every_type() -> None:
     }
     device = LOADED["device-detail"]
     titles = {p["title"] for p in panels(device)}
-    expected = {f"{t}: {m}" for t, metrics in FULL_METRICS.items() for m in metrics}
-    assert titles == expected | {"$type: every number", "$type: latest", "online / offline"}
-    assert [v["name"] for v in device["templating"]["list"]] == ["device", "type"]
+    assert titles == expected_titles() | {
+        "$type: every number",
+        "$type: latest",
+        "online / offline",
+    }
+    assert [v["name"] for v in device["templating"]["list"]] == ["device", "type", "raw_retention"]
+
+
+def test_device_panels_over_time_read_the_rollups_beyond_the_raw_retention() -> None:
+    """Every panel of a device's readings over time has a second query, of the rollups, for
+    the part of the range older than `$raw_retention`, which is iotgw's raw retention."""
+    assert raw_retention() == influxql_duration(RAW_RETENTION_S)
+    over_time = [
+        panel
+        for panel in panels(LOADED["device-detail"])
+        if panel["type"] in ("timeseries", "state-timeline")
+        and panel["title"] != "online / offline"
+    ]
+    assert len(over_time) == len(expected_titles()) + 1
+    for panel in over_time:
+        [raw] = [t["query"] for t in panel["targets"] if not reads_rollup(t["query"])]
+        [rollup] = [t["query"] for t in panel["targets"] if reads_rollup(t["query"])]
+        assert "$timeFilter AND time < now() - $raw_retention" in rollup, panel["title"]
+        assert "$raw_retention" not in raw, panel["title"]
 
 
 @pytest.fixture
@@ -185,11 +240,21 @@ def availability_record(device_id: str, online: bool, ts: int) -> tuple[bytes, b
     return device_id.encode(), json.dumps(record).encode()
 
 
-def substitute(query: str, device: str, device_type: str = "none") -> str:
-    """What Grafana does before sending a query: variables and time macros."""
+def substitute(
+    query: str,
+    device: str,
+    device_type: str = "none",
+    *,
+    time_range: str = "1h",
+    interval_s: int = 60,
+) -> str:
+    """What Grafana does before sending a query: variables and time macros, for the last
+    `time_range` in buckets of `interval_s`."""
     return (
-        query.replace("$timeFilter", "time > now() - 1h")
-        .replace("$__interval", "1m")
+        query.replace("$timeFilter", f"time > now() - {time_range}")
+        .replace("$__interval_ms", str(interval_s * 1000))
+        .replace("$__interval", f"{interval_s}s")
+        .replace("$raw_retention", raw_retention())
         .replace("$device", re.escape(device))
         .replace("$type", re.escape(device_type))
     )
@@ -204,38 +269,82 @@ async def type_variable(settings: Settings, device: str) -> list[str]:
     return [str(row[0]) for row in answer if keep.search(str(row[0]))]
 
 
+def rollup_line(device_type: str, device: str, metrics: dict[str, Any], ts: int) -> str:
+    """The hourly rollup of one reading of `metrics`, as InfluxDB's continuous query or task
+    writes it: per number its mean, min, max and count, per boolean its count and trues."""
+    fields = []
+    for metric, value in metrics.items():
+        if isinstance(value, bool):
+            fields += [f"{metric}_count=1i", f"{metric}_true={int(value)}i"]
+        else:
+            typed = f"{value}i" if isinstance(value, int) else f"{value}"
+            fields += [f"{metric}_mean={float(value)}", f"{metric}_min={typed}",
+                       f"{metric}_max={typed}", f"{metric}_count=1i"]  # fmt: skip
+    return f"{device_type},device_id={device},site=home,room=hall {','.join(fields)} {ts}"
+
+
+async def write_rollups(settings: Settings, lines: list[str]) -> None:
+    """Write rollup points where InfluxDB's own rollups go: retention policy `rollup` of the
+    database (on 2.x, through its DBRP mapping, the rollup bucket)."""
+    token = settings.influx_token
+    headers = {"Authorization": f"Token {token.get_secret_value()}"} if token else {}
+    async with httpx.AsyncClient(
+        base_url=str(settings.influx_url), auth=settings.influx_auth, headers=headers
+    ) as http:
+        response = await http.post(
+            "/write",
+            params={
+                "db": settings.influx_database,
+                "rp": ROLLUP_RETENTION_POLICY,
+                "precision": "ms",
+            },
+            content="\n".join(lines).encode(),
+        )
+    assert response.status_code == 204, response.text
+
+
 async def test_every_panel_query_returns_rows(settings: Settings, types_file: Path) -> None:
-    """Each panel's InfluxQL returns rows from real data; `$type`'s for a device of every type."""
+    """Each panel's InfluxQL returns rows from real data (its rollup queries from rollups two
+    months old); `$type`'s for a device of every type."""
     own, devices = await simulated(settings, types_file)
     # The device whose points a query of a measurement without a device type shows.
     shown = {**devices, "availability": devices["contact"]}
+    every_type = FULL_METRICS | USER_METRICS
+    two_months_ago = (now_ms() - 60 * DAY_MS) // HOUR_MS * HOUR_MS
     checked = 0
-    for name, dashboard in LOADED.items():
-        for panel in panels(dashboard):
-            for target in panel["targets"]:
-                if "$type" in target["query"]:
-                    for device_type, device in devices.items():
-                        assert await type_variable(own, device) == [device_type]
-                        query = substitute(target["query"], device, device_type)
-                        rows = await influx_rows(own, query)
-                        assert rows, f"{name}: {panel['title']} returned nothing for {device_type}"
-                        checked += 1
-                    continue
-                measurement = re.search(r'FROM "(\w+)"', target["query"])
-                device = shown.get(measurement.group(1), "none") if measurement else "none"
-                rows = await influx_rows(own, substitute(target["query"], device))
-                assert rows, f"{name}: {panel['title']} returned nothing"
-                checked += 1
-    assert checked >= 40
+    async with set_up(own):
+        await write_rollups(own, [
+            rollup_line(t, d, every_type[t], two_months_ago) for t, d in devices.items()
+        ])  # fmt: skip
+        for name, dashboard in LOADED.items():
+            for panel in panels(dashboard):
+                for target in panel["targets"]:
+                    query = target["query"]
+                    if "$type" in query:
+                        for device_type, device in devices.items():
+                            assert await type_variable(own, device) == [device_type]
+                            rows = await influx_rows(
+                                own, substitute(query, device, device_type, **NINETY_DAYS)
+                            )
+                            assert rows, f"{name}: {panel['title']} showed nothing of {device_type}"
+                            checked += 1
+                        continue
+                    measurement = re.search(r'FROM (?:"rollup"\.)?"(\w+)"', query)
+                    device = shown.get(measurement.group(1), "none") if measurement else "none"
+                    rows = await influx_rows(own, substitute(query, device, **NINETY_DAYS))
+                    assert rows, f"{name}: {panel['title']} returned nothing"
+                    checked += 1
+    assert checked >= 70
 
 
 def generic_queries() -> dict[str, str]:
-    """The device-detail dashboard's panels that show whatever type the device has."""
+    """The device-detail dashboard's panels that show whatever type the device has: their
+    query of the raw readings."""
     return {
         panel["title"]: target["query"]
         for panel in panels(LOADED["device-detail"])
         for target in panel["targets"]
-        if "$type" in target["query"]
+        if "$type" in target["query"] and not reads_rollup(target["query"])
     }
 
 
@@ -346,3 +455,72 @@ async def test_online_per_site_counts_each_devices_latest_availability(settings:
     [timeline] = [p for p in panels(LOADED["device-detail"]) if p["title"] == "online / offline"]
     rows = await influx_rows(own, substitute(timeline["targets"][0]["query"], flapping))
     assert rows == [[minutes_ago, False], [minutes_ago + 600_000, True]]
+
+
+async def device_panel(
+    settings: Settings, title: str, device: str, device_type: str = "none", **macros: Any
+) -> dict[str, list[list[Any]]]:
+    """What a device-detail panel shows: its series, named as Grafana names them (the
+    target's alias, `$col` the column), each with its points that have a value."""
+    [panel] = [p for p in panels(LOADED["device-detail"]) if p["title"] == title]
+    shown = {}
+    async with InfluxClient.for_settings(settings) as influx:
+        for target in panel["targets"]:
+            query = substitute(target["query"], device, device_type, **macros)
+            for result in await influx.query(query, db=settings.influx_database):
+                for series in result.get("series", []):
+                    for i, column in enumerate(series["columns"][1:], start=1):
+                        points = [
+                            [row[0], row[i]] for row in series["values"] if row[i] is not None
+                        ]
+                        shown[target["alias"].replace("$col", column)] = points
+    return shown
+
+
+async def test_a_long_range_shows_the_rollups_beyond_the_raw_retention(
+    any_influx: Settings,
+) -> None:
+    """Over 120 days a thermostat's panels show the hourly rollups of 60 and 90 days ago and
+    the raw readings of the last hour, each once: not the rollup of the recent hours too."""
+    s = await own_settings(any_influx)
+    device = unique("thermostat")
+    now = now_ms()
+    day90, day60 = ((now - days * DAY_MS) // HOUR_MS * HOUR_MS for days in (90, 60))
+    recent = (now - 60_000) // HOUR_MS * HOUR_MS
+    raw = [(recent, 21.5, True), (recent + 1000, 22.5, False)]
+    rollups = [
+        (day90, 16.0, 15.0, 17.0, 6, 6),
+        (day60, 18.5, 17.0, 20.0, 6, 3),
+        # The recent hour's rollup (until InfluxDB recomputes it from the raw readings).
+        (recent, 99.0, 99.0, 99.0, 6, 0),
+    ]
+    tags = f"thermostat,device_id={device},site=home"
+    async with set_up(s):
+        await write_rollups(s, [
+            f"{tags} temperature_c_mean={mean},temperature_c_min={low},temperature_c_max={high},"
+            f"temperature_c_count={count}i,heating_count={count}i,heating_true={trues}i {ts}"
+            for ts, mean, low, high, count, trues in rollups
+        ])  # fmt: skip
+        async with InfluxClient.for_settings(s) as influx:
+            await influx.write(s.influx_database, "\n".join(
+                f"{tags} temperature_c={value},heating={str(on).lower()},seq={i}i {ts}"
+                for i, (ts, value, on) in enumerate(raw)
+            ))  # fmt: skip
+        long_range: dict[str, Any] = {"time_range": "120d", "interval_s": HOUR_S}
+        temperature = await device_panel(s, "thermostat: temperature_c", device, **long_range)
+        heating = await device_panel(s, "thermostat: heating", device, **long_range)
+        every_number = await device_panel(
+            s, "$type: every number", device, "thermostat", **long_range
+        )
+    assert temperature == {
+        "temperature_c": [[recent, 22.0]],
+        "temperature_c (hourly mean)": [[day90, 16.0], [day60, 18.5]],
+    }
+    assert heating == {
+        "heating": [[recent, True], [recent + 1000, False]],
+        "heating (share true per hour)": [[day90, 1.0], [day60, 0.5]],
+    }
+    assert every_number == {
+        "mean_temperature_c": [[recent, 22.0]],
+        "mean_temperature_c_mean (hourly)": [[day90, 16.0], [day60, 18.5]],
+    }
