@@ -54,7 +54,7 @@ demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then a
 	$(BIN)/iotgw stack up
 	$(BIN)/python -m simulators.demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION)
 
-bench: setup ## iotgw against a tuned Telegraf and the ceilings; writer, rules (about 6 minutes)
+bench: setup ## iotgw against a tuned Telegraf and the ceilings; the writer into InfluxDB 1.6 and 2.7, rules (about 4 minutes)
 	$(BIN)/iotgw stack up
 	$(BIN)/iotgw bench
 

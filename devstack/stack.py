@@ -193,6 +193,13 @@ def influx_settings(plan: StackPlan, settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+# InfluxDB 2.7 beside the default stack's 1.6.7 (which keeps 8086): what the tests and the
+# benchmark that run against both versions use.
+INFLUXDB2_BESIDE = StackPlan(
+    DEFAULT_STACK_DIR / "tests-influxdb2", influx_port=8096, kinds=("influxdb",), influx_version=2
+)
+
+
 def new_cluster_id() -> str:
     """A random KRaft cluster id, as `kafka-storage random-uuid` makes them: never starting
     with '-', which the storage tool would take for an option."""

@@ -51,20 +51,11 @@ def settings(local_stack: stack.StackPlan) -> Settings:
     return stack_settings(local_stack)
 
 
-# The port of the InfluxDB 2.7 the tests run beside the stack's 1.6.7.
-INFLUXDB2_PORT = 8096
-
-
 @pytest.fixture(scope="session")
 def influxdb2_stack() -> Iterator[stack.StackPlan]:
     """InfluxDB 2.7 (built once, cached) beside the stack's 1.6.7, for the tests that run
     against both; stopped at the end if this session started it."""
-    plan = stack.StackPlan(
-        stack.DEFAULT_STACK_DIR / "tests-influxdb2",
-        influx_port=INFLUXDB2_PORT,
-        kinds=("influxdb",),
-        influx_version=2,
-    )
+    plan = stack.INFLUXDB2_BESIDE
     report = asyncio.run(stack.up(plan, stack_settings(plan), report=print))
     yield plan
     if report.started:

@@ -36,7 +36,8 @@ def bench_command(
         bool, typer.Option(help="Sample iotgw's drain with py-spy: the time per stage.")
     ] = False,
 ) -> None:
-    """iotgw against a tuned Telegraf and the ceilings (Mosquitto, Kafka); writer, rules."""
+    """iotgw against a tuned Telegraf and the ceilings (Mosquitto, Kafka); the writer into
+    InfluxDB 1.6.7 and 2.7, each beside its ceiling; the rules engine."""
     settings = load_settings()
     chosen = [r.strip() for r in runs.split(",") if r.strip()]
     unknown = [r for r in chosen if r not in RUNS]

@@ -8,8 +8,10 @@ or three worker processes behind its one MQTT session; by default 1 and 2):
 the drain rate of a backlog preloaded into the subject's persistent session, the rate of
 readings published live, the latency from MQTT publish to the record being readable from
 Kafka at fixed rates, CPU seconds per 10,000 readings, peak RSS and readings lost. Then
-the writer's points/s over iotgw_1's readings. Results go to `<out>/latest.json` and a
-chart to `<out>/latest.png`.
+the writer's points/s into InfluxDB 1.6.7 (the stack's) and into InfluxDB 2.7 (the one
+the tests run on port 8096, started if needed; skipped, said in one line, where it cannot
+be built), each beside that server's own ceiling, and the rules engine's readings/s.
+Results go to `<out>/latest.json` and a chart to `<out>/latest.png`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ DRAIN_LIMIT_S = 90.0
 # every later reading for long (the run removes its sessions when it ends normally).
 SESSION_EXPIRY_S = 300
 Report = Callable[[str], None]
+# The results' keys of the writer's runs: into the stack's InfluxDB (1.6.7), and into 2.7.
+WRITERS = ("writer", "writer_influxdb2")
 
 
 @dataclass(frozen=True)
@@ -522,7 +526,8 @@ async def bench(
     profile: bool = False,
 ) -> dict[str, Any]:
     """The ceilings, every run one after the other on the same pre-generated readings,
-    then the writer and the rules engine; the figures against the aims."""
+    then the writer (into InfluxDB 1.x and 2.7) and the rules engine; the figures against
+    the aims."""
     out.mkdir(parents=True, exist_ok=True)
     ensure_debian_packages(["mosquitto_sub"], out / "install.log", report)
     total = readings + live + sum(int(r * seconds) for r in rates)
@@ -567,6 +572,11 @@ async def bench(
                     [s.name for s in topics.specs()] + ([topic] if topic != topics.readings else [])
                 )
     results["writer"] = await writer_bench.measure(base, readings, logs, report)
+    async with writer_bench.influxdb2(base, out / "install.log", report) as influxdb2:
+        if influxdb2 is not None:
+            results["writer_influxdb2"] = await writer_bench.measure(
+                influxdb2, readings, logs, report
+            )
     results["rules"] = await rules_bench.measure(base, readings, logs, report)
     results["aims"] = aims(results)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -609,13 +619,14 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
     if iotgw:
         p99 = (iotgw.get("latency", {}).get("5000") or {}).get("p99_ms")
         aim("bridge p99 publish-to-Kafka at 5,000/s (ms)", p99, 25, p99 is not None and p99 < 25)
-    writer, rules = results["writer"], results["rules"]
-    aim(
-        "writer points/s (min of 100,000 and 80% of InfluxDB's ceiling)",
-        writer["points_per_s"],
-        writer["aim_points_per_s"],
-        writer["aim_met"],
-    )
+    for writer in writers(results):
+        aim(
+            f"writer points/s into {influx_name(writer)} (min of 100,000 and 80% of its ceiling)",
+            writer["points_per_s"],
+            writer["aim_points_per_s"],
+            writer["aim_met"],
+        )
+    rules = results["rules"]
     aim(
         "rules engine readings/s with 100 rules, from Kafka",
         rules["readings_per_s"],
@@ -623,6 +634,17 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
         rules["aim_met"],
     )
     return found
+
+
+def writers(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The writer's runs this bench made: into InfluxDB 1.x, then 2.7 where it could run."""
+    return [results[key] for key in WRITERS if key in results]
+
+
+def influx_name(writer: dict[str, Any]) -> str:
+    """The InfluxDB a writer's run wrote to: "InfluxDB 1.6.7" (without Debian's "~rc0")."""
+    version: str = writer["influxdb"]
+    return f"InfluxDB {version.split('~')[0]}"
 
 
 async def forget_sessions(settings: Settings, client_ids: list[str]) -> None:
@@ -662,14 +684,25 @@ def bench_table(results: dict[str, Any]) -> Table:
             f"[dim]{ceiling['name']} (ceiling)[/]", f"{ceiling['readings_per_s'] or 0:,}",
             "-", *("-" for _ in rates), "-", "-", "-",
         )  # fmt: skip
-    writer, rules = results["writer"], results["rules"]
-    table.caption = (
-        f"writer: {writer['points_per_s']:,} points/s into InfluxDB "
-        f"(its ceiling {writer['ceiling_points_per_s']:,}; "
-        f"{writer['cpu_s_per_100k']:g} CPU s per 100k)\n"
+    lines = []
+    for writer in writers(results):
+        lines.append(
+            f"writer: {writer['points_per_s']:,} points/s into {influx_name(writer)} "
+            f"(its ceiling {writer['ceiling_points_per_s']:,}; "
+            f"{writer['cpu_s_per_100k']:g} CPU s per 100k)"
+        )
+        if "client_points_per_s" in writer:
+            lines.append(
+                f"influxdb-client into {influx_name(writer)}: "
+                f"{writer['client_points_per_s']:,} points/s given Point objects, "
+                f"{writer['client_line_protocol_per_s']:,} given our line protocol"
+            )
+    rules = results["rules"]
+    lines.append(
         f"rules engine, 100 rules, from Kafka: {rules['readings_per_s']:,} readings/s "
         f"({rules['cpu_s_per_100k']:g} CPU s per 100k)"
     )
+    table.caption = "\n".join(lines)
     return table
 
 
@@ -702,7 +735,8 @@ def aims_table(results: dict[str, Any]) -> Table:
 
 def chart(results: dict[str, Any], path: Path) -> None:
     """Drain rate of every subject beside the two ceilings, the latency at fixed rates,
-    and the writer and rules engine against their aims, as one PNG."""
+    and the writer (into each InfluxDB, beside its ceiling) and rules engine against their
+    aims, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -710,7 +744,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     runs, ceilings_found = results["runs"], results["ceilings"]
     figure, (left, middle, right) = plt.subplots(
-        1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [3, 2, 2]}
+        1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [3, 2, 3]}
     )
     names = [c["name"] for c in ceilings_found] + [r["name"] for r in runs]
     drains = [c["readings_per_s"] or 0 for c in ceilings_found] + [
@@ -734,14 +768,27 @@ def chart(results: dict[str, Any], path: Path) -> None:
     middle.set_yscale("log")
     middle.set_title("publish to Kafka latency (ms)")
     middle.legend(fontsize=7)
-    writer, rules = results["writer"], results["rules"]
-    labels = ["writer\npoints/s", "InfluxDB\nceiling", "rules\nreadings/s"]
-    values = [writer["points_per_s"], writer["ceiling_points_per_s"], rules["readings_per_s"]]
-    bars = right.bar(labels, values, color=["#4c72b0", "#bbbbbb", "#55a868"])
+    labels: list[str] = []
+    values: list[float] = []
+    shades: list[str] = []
+    aims_at: list[tuple[int, float]] = []
+    for writer in writers(results):
+        influx = influx_name(writer)
+        aims_at.append((len(labels), writer["aim_points_per_s"]))
+        labels += [f"writer\n{influx}", f"ceiling\n{influx}"]
+        values += [writer["points_per_s"], writer["ceiling_points_per_s"]]
+        shades += ["#4c72b0", "#bbbbbb"]
+    rules = results["rules"]
+    aims_at.append((len(labels), rules["aim_readings_per_s"]))
+    labels.append("rules\nreadings/s")
+    values.append(rules["readings_per_s"])
+    shades.append("#55a868")
+    bars = right.bar(labels, values, color=shades)
     right.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize=8)
-    right.scatter([0, 2], [writer["aim_points_per_s"], rules["aim_readings_per_s"]],
+    right.scatter([x for x, _ in aims_at], [y for _, y in aims_at],
                   marker="_", s=900, color="#c44e52", label="aim", zorder=3)  # fmt: skip
-    right.set_title("downstream")
+    right.tick_params(axis="x", labelsize=8)
+    right.set_title("downstream (grey: InfluxDB's ceilings)")
     right.legend(fontsize=7)
     machine_info = results["machine"]
     figure.suptitle(f"iotgw bench, {machine_info['cpus']} cores, {machine_info['date']}")
