@@ -47,7 +47,7 @@ influxdb2: setup ## build InfluxDB 2.7 once for the tests against it (about 6 mi
 test-unit: setup ## the tests that need no server
 	$(BIN)/pytest -m unit
 
-test-integration: setup ## the tests against real Mosquitto, Kafka and InfluxDB
+test-integration: setup influxdb2 ## the tests against real Mosquitto, Kafka and InfluxDB (1.6 and 2.7)
 	$(BIN)/pytest -m "integration or faults"
 
 demo: setup ## a fleet of 50 devices through the whole pipeline for 60 s, then an audit

@@ -108,15 +108,15 @@ class InfluxClient:
             self._v2 = self._write_api = None
 
     async def ping(self) -> bool:
-        """True when the server is ready: 1.x answers `/ping` with 204, 2.x's `/health`
-        says pass."""
+        """True when the server is ready: 1.x answers `/ping` with 204 (3.x with 200),
+        2.x's `/health` says pass (2.x answers `/ping` before it can serve)."""
         try:
             response = await self._http.get("/health" if self.v2 else "/ping")
         except httpx.HTTPError:
             return False
         if self.v2:
             return response.status_code == 200 and _json(response).get("status") == "pass"
-        return response.status_code == 204
+        return 200 <= response.status_code < 300
 
     async def create_database(self, name: str) -> None:
         """Create the database (2.x: the bucket and its DBRP mapping); an existing one is
@@ -178,9 +178,12 @@ class InfluxClient:
     async def org_id(self) -> str:
         """The id of the client's organisation; InfluxError when the token cannot see it."""
         if self._org_id is None:
-            found = (await self._api("GET", "/api/v2/orgs", params={"org": self.org}))["orgs"]
+            answer = await self._api("GET", "/api/v2/orgs", params={"org": self.org})
+            found = answer.get("orgs") or []
             if not found:
-                raise InfluxError(f"InfluxDB has no organisation {self.org}", 404)
+                raise InfluxError(
+                    f"InfluxDB has no organisation {self.org} that the token may read", 404
+                )
             self._org_id = str(found[0]["id"])
         return self._org_id
 
@@ -211,7 +214,13 @@ class InfluxClient:
         found = await self._buckets(name)
         if not found:
             body = {"orgID": await self.org_id(), "name": name, "retentionRules": rules}
-            await self._api("POST", "/api/v2/buckets", json=body)
+            try:
+                await self._api("POST", "/api/v2/buckets", json=body)
+            except InfluxError as exc:
+                # Another client created it between the look and the create.
+                if exc.status != 422 or not await self._buckets(name):
+                    raise
+                return "unchanged"
             return "created"
         bucket = found[0]
         current = max(
@@ -238,9 +247,12 @@ class InfluxClient:
         "unchanged". (2.x shows a virtual mapping of every bucket's own name, which it
         drops as soon as a real one names that database: it does not count.)"""
         org_id = await self.org_id()
-        bucket_id = (await self._buckets(bucket))[0]["id"]
+        buckets = await self._buckets(bucket)
+        if not buckets:
+            raise InfluxError(f"InfluxDB has no bucket {bucket} that the token may read", 404)
+        bucket_id = buckets[0]["id"]
         params = {"orgID": org_id, "db": database, "rp": rp}
-        found = (await self._api("GET", "/api/v2/dbrps", params=params))["content"]
+        found = (await self._api("GET", "/api/v2/dbrps", params=params)).get("content") or []
         real = [mapping for mapping in found if not mapping.get("virtual")]
         outcome = "created"
         for mapping in real:
@@ -260,7 +272,7 @@ class InfluxClient:
         "unchanged"."""
         org_id = await self.org_id()
         params = {"orgID": org_id, "name": name}
-        tasks = (await self._api("GET", "/api/v2/tasks", params=params))["tasks"]
+        tasks = (await self._api("GET", "/api/v2/tasks", params=params)).get("tasks") or []
         if not tasks:
             await self._api("POST", "/api/v2/tasks", json={"orgID": org_id, "flux": flux})
             return "created"
@@ -274,13 +286,20 @@ class InfluxClient:
     async def task(self, name: str) -> dict[str, Any] | None:
         """Task `name` as InfluxDB describes it, or None."""
         params = {"orgID": await self.org_id(), "name": name}
-        tasks = (await self._api("GET", "/api/v2/tasks", params=params))["tasks"]
+        tasks = (await self._api("GET", "/api/v2/tasks", params=params)).get("tasks") or []
         return dict(tasks[0]) if tasks else None
 
     async def delete_task(self, name: str) -> None:
         found = await self.task(name)
         if found is not None:
             await self._api("DELETE", f"/api/v2/tasks/{found['id']}")
+
+    async def run_flux(self, flux: str) -> None:
+        """Run a Flux script for what it writes (`to()`); InfluxError with InfluxDB's
+        reason."""
+        params = {"orgID": await self.org_id()}
+        body = {"query": flux, "type": "flux"}
+        await self._api("POST", "/api/v2/query", params=params, json=body)
 
     async def _api(
         self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any
@@ -299,7 +318,10 @@ class InfluxClient:
             params["db"] = db
         response = await self._send(method, "/query", params=params)
         _raise_unless_2xx(response, "InfluxDB query failed")
-        results: list[Any] = response.json().get("results", [])
+        results: list[Any] = _json(response).get("results", [])
+        if not isinstance(results, list) or not results:
+            said = " ".join(response.text.split())[:100] or "nothing"
+            raise InfluxError(f"InfluxDB's /query answered no results: {said}", 0)
         for result in results:
             if "error" in result:
                 raise InfluxError(f"InfluxDB query failed: {result['error']}", 200)

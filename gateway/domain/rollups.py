@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
@@ -36,7 +37,9 @@ __all__ = [
     "Retention",
     "RollupEvery",
     "continuous_queries",
+    "duration_s",
     "influxql_duration",
+    "rollup_backfill",
     "rollup_bucket",
     "rollup_task",
     "rollup_task_name",
@@ -87,6 +90,14 @@ def _retention(value: Any) -> int:
     return seconds
 
 
+def duration_s(text: str) -> int:
+    """A span like `36h`, `7d` or `8w` in seconds; ValueError saying what is wrong."""
+    seconds = _seconds(text, "a duration", "36h, 7d, 8w")
+    if seconds <= 0:
+        raise ValueError("a duration is more than nothing: 36h, 7d, 8w")
+    return seconds
+
+
 def _every(value: Any) -> int:
     seconds = _seconds(value, "a rollup interval", "30s, 10m, 1h")
     if not 1 <= seconds <= HOUR_S:
@@ -134,8 +145,20 @@ def _ident(name: str) -> str:
 
 @dataclass(frozen=True)
 class ContinuousQuery:
+    """A continuous query; its SELECT ... INTO, run over an explicit range, is its
+    backfill."""
+
     name: str
     statement: str
+    select: str
+    where: str
+    group_by: str
+
+    def backfill(self, start_ms: int, stop_ms: int) -> str:
+        """The same rollup of the hours from `start_ms` to `stop_ms` (hour-aligned)."""
+        span = f"time >= {start_ms}ms AND time < {stop_ms}ms"
+        where = f" WHERE {self.where} AND {span}" if self.where else f" WHERE {span}"
+        return f"{self.select}{where} {self.group_by}"
 
 
 def _numbers(spec: TypeSpec) -> list[str]:
@@ -167,7 +190,7 @@ def continuous_queries(
         )
         for metric in sorted(spec.booleans):
             selection = f"count({_ident(metric)}) AS {_ident(f'{metric}_true')}"
-            where = f" WHERE {_ident(metric)} = true"
+            where = f"{_ident(metric)} = true"
             queries.append(
                 _cq(
                     database,
@@ -191,12 +214,14 @@ def _cq(
     source: str,
     where: str,
 ) -> ContinuousQuery:
-    select = f"SELECT {', '.join(selections)} INTO {into} FROM {source}{where} GROUP BY time(1h), *"
+    select = f"SELECT {', '.join(selections)} INTO {into} FROM {source}"
+    group_by = "GROUP BY time(1h), *"
+    condition = f" WHERE {where}" if where else ""
     statement = (
         f"CREATE CONTINUOUS QUERY {_ident(name)} ON {_ident(database)} {resample} "
-        f"BEGIN {select} END"
+        f"BEGIN {select}{condition} {group_by} END"
     )
-    return ContinuousQuery(name, statement)
+    return ContinuousQuery(name, statement, select, where, group_by)
 
 
 def is_rollup_query(name: str) -> bool:
@@ -230,7 +255,38 @@ def _field_filter(pairs: Iterable[tuple[str, str]]) -> str:
 
 
 def rollup_task(catalogue: TypeCatalogue, bucket: str, every_s: int) -> str:
-    """2.x: the Flux of the task that rolls `bucket`'s readings up into its rollup bucket."""
+    """2.x: the Flux of the task that rolls `bucket`'s readings up into its rollup bucket,
+    the last two hours each run (as 1.x's RESAMPLE ... FOR 2h)."""
+    return "\n".join(
+        [
+            'import "date"',
+            "",
+            f"option task = {{name: {_flux(rollup_task_name(bucket))}, every: {every_s}s}}",
+            "",
+            f"start = date.truncate(t: -{ROLLUP_WINDOW_S}s, unit: 1h)",
+            "stop = now()",
+            _rollup_flux(catalogue, bucket),
+        ]
+    )
+
+
+def _rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rollup_backfill(catalogue: TypeCatalogue, bucket: str, start_ms: int, stop_ms: int) -> str:
+    """2.x: the task's rollup of the hours from `start_ms` to `stop_ms` (hour-aligned)."""
+    return "\n".join(
+        [
+            f"start = {_rfc3339(start_ms)}",
+            f"stop = {_rfc3339(stop_ms)}",
+            _rollup_flux(catalogue, bucket),
+        ]
+    )
+
+
+def _rollup_flux(catalogue: TypeCatalogue, bucket: str) -> str:
+    """The rollup of `bucket`'s readings from `start` to `stop` (defined before it)."""
     numbers, booleans = [], []
     for name in catalogue.names:
         spec = catalogue.get(name)
@@ -240,12 +296,7 @@ def rollup_task(catalogue: TypeCatalogue, bucket: str, every_s: int) -> str:
     into = _flux(rollup_bucket(bucket))
     return "\n".join(
         [
-            'import "date"',
-            "",
-            f"option task = {{name: {_flux(rollup_task_name(bucket))}, every: {every_s}s}}",
-            "",
-            f"start = date.truncate(t: -{ROLLUP_WINDOW_S - HOUR_S}s, unit: 1h)",
-            f"raw = from(bucket: {_flux(bucket)}) |> range(start: start)",
+            f"raw = from(bucket: {_flux(bucket)}) |> range(start: start, stop: stop)",
             f"numbers = raw |> filter(fn: {_field_filter(numbers)})",
             f"booleans = raw |> filter(fn: {_field_filter(booleans)})",
             "hourly = (tables=<-, fn, suffix) => tables",

@@ -285,30 +285,28 @@ class Writer:
             await self._shutdown()
 
     async def _ensure_database(self) -> None:
-        """Create the database or bucket (idempotent), waiting while InfluxDB is not ready.
+        """Wait while InfluxDB is not ready; then, on 1.x, create the database (idempotent),
+        and on 2.x check that the token may write to the bucket (an empty write).
 
         A 1.x user without admin rights may not create databases (403); it may write to
         one that exists, which is how a deployment with authentication is set up. A 2.x
-        token may be allowed to write and no more (403): then the bucket is taken to exist,
-        and a write to a missing one is retried (never a dead letter) with InfluxDB's
-        reason. A refused login or token (401) stops the writer with one line.
+        token needs write access to the bucket and nothing more; the bucket is made by
+        `iotgw influx setup`. A refused login or token, or no bucket, stops the writer
+        with one line: what is wrong will not mend itself.
         """
         db = self.settings.influx_database
         for attempt in itertools.count():
             try:
                 if not await self._influx.ping():
                     raise InfluxError(f"InfluxDB at {self._influx.url} is not ready", 0)
-                await self._influx.create_database(db)
+                if self._influx.v2:
+                    await self._influx.write(db, b"")
+                else:
+                    await self._influx.create_database(db)
                 self._influx_ok = True
                 return
             except InfluxError as exc:
-                if exc.status == 401:
-                    login = "token" if self._influx.v2 else "login"
-                    raise IotgwError(f"InfluxDB refused the {login}: {exc.reason[:200]}") from None
-                if exc.status == 403 and self._influx.v2:
-                    log.warning("influx_bucket_unchecked", bucket=db, error=exc.reason[:200])
-                    self._influx_ok = True
-                    return
+                self._refuse_to_start(exc)
                 if exc.status == 403:
                     if db in await self._visible_databases():
                         self._influx_ok = True
@@ -317,7 +315,7 @@ class Writer:
                         f"InfluxDB has no database {db} and user {self.settings.influx_username} "
                         "may not create it: create it, or grant the user access to it"
                     ) from None
-                if not exc.retriable or exc.status == 404:
+                if not exc.retriable:
                     raise IotgwError(
                         f"InfluxDB refused to create the database: {exc.reason[:200]}"
                     ) from None
@@ -325,6 +323,20 @@ class Writer:
             delay = _BACKOFF.delay(attempt)
             log.warning("influx_unavailable", error=reason, retry_in_s=delay)
             await asyncio.sleep(delay)
+
+    def _refuse_to_start(self, exc: InfluxError) -> None:
+        """IotgwError for what stops the writer at its start: a refused login or token;
+        on 2.x, a bucket it may not write to or that does not exist."""
+        reason = exc.reason[:200]
+        if exc.status == 401:
+            login = "token" if self._influx.v2 else "login"
+            raise IotgwError(f"InfluxDB refused the {login}: {reason}") from None
+        if self._influx.v2 and exc.status in (403, 404):
+            raise IotgwError(
+                f"the token may not write to bucket {self.settings.influx_database} of "
+                f"organisation {self.settings.influx_org}: {reason} (`iotgw influx setup` "
+                "makes the bucket; the token needs write access to it)"
+            ) from None
 
     async def _visible_databases(self) -> list[str]:
         try:

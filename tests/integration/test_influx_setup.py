@@ -149,3 +149,69 @@ async def test_influx_setup_command_on_an_unreachable_server_says_so_in_one_line
     result = await asyncio.to_thread(CliRunner().invoke, app, ["influx", "setup"], env=env)
     assert result.exit_code == 1
     assert result.stderr.strip() == "iotgw: error: InfluxDB does not answer at http://127.0.0.1:9"
+
+
+def thermostat_lines(device: str, hour: int) -> str:
+    """Two readings of a thermostat in the hour starting at `hour`."""
+    return (
+        f"thermostat,device_id={device} temperature_c=20.0,heating=true {hour + 60_000}\n"
+        f"thermostat,device_id={device} temperature_c=22.0,heating=false {hour + 120_000}"
+    )
+
+
+ROLLUP_OF_TWO = (
+    "SELECT temperature_c_mean, temperature_c_min, temperature_c_max, temperature_c_count, "
+    'heating_count, heating_true FROM "rollup"."thermostat" WHERE device_id = \'{device}\''
+)
+
+
+async def test_setup_keeps_older_readings_until_told_then_rolls_them_up_first(
+    any_influx: Settings,
+) -> None:
+    """Readings 40 days old, raw retention 30d: setup keeps the longer retention and says
+    how to apply it; with --shorten their hour is rolled up, then the retention is set."""
+    s = await own_settings(any_influx)
+    device, hour = unique("thermo"), (now_ms() // HOUR_MS - 40 * 24) * HOUR_MS
+    async with InfluxClient.for_settings(s) as influx:
+        await influx.write(s.influx_database, thermostat_lines(device, hour))
+    async with set_up(s):
+        kept = await setup_influx(s, quiet)
+        assert (await retention_s(s))[0] == 0
+        [raw] = [line for line in kept.lines if line.startswith("raw readings")]
+        assert raw.endswith(
+            "kept forever, not 30d: it holds readings older than 30d, which that would "
+            "delete; `iotgw influx setup --shorten` rolls them up, then sets it"
+        )
+        assert await influx_rows(s, ROLLUP_OF_TWO.format(device=device)) == []
+        shortened = await setup_influx(s, quiet, shorten=True)
+        assert (await retention_s(s))[0] == 30 * DAY_S
+        assert "rolled up first" in shortened.lines[-1]
+        rolled = await influx_rows(s, ROLLUP_OF_TWO.format(device=device))
+    assert rolled == [[hour, 21.0, 20.0, 22.0, 2, 2, 1]]
+
+
+async def test_rollup_command_makes_the_hours_the_rollups_missed(any_influx: Settings) -> None:
+    """A reading 5 hours old (out of the two hours InfluxDB recomputes): `iotgw influx
+    rollup --since 1d` rolls its hour up; a bad --since is one line, exit 2."""
+    s = await own_settings(any_influx)
+    device, hour = unique("thermo"), (now_ms() // HOUR_MS - 5) * HOUR_MS
+    async with set_up(s):
+        async with InfluxClient.for_settings(s) as influx:
+            await influx.write(s.influx_database, thermostat_lines(device, hour))
+        env = s.environment()
+        runner = CliRunner()
+        result = await asyncio.to_thread(
+            runner.invoke, app, ["influx", "rollup", "--since", "1d"], env=env
+        )
+        assert result.exit_code == 0, result.output
+        assert "rolled up 25 hours" in result.output
+        rolled = await influx_rows(s, ROLLUP_OF_TWO.format(device=device))
+        bad = await asyncio.to_thread(
+            runner.invoke, app, ["influx", "rollup", "--since", "soon"], env=env
+        )
+    assert rolled == [[hour, 21.0, 20.0, 22.0, 2, 2, 1]]
+    assert bad.exit_code == 2
+    assert (
+        bad.stderr.strip()
+        == "iotgw: error: --since: a duration is a number and a unit: 36h, 7d, 8w"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import SecretStr
@@ -74,6 +75,15 @@ async def test_every_reading_becomes_exactly_one_point(writer_settings: Settings
     assert (await influx_count(s, "smart_plug"), await influx_count(s, "contact")) == (300, 200)
 
 
+def thermostat_readings(device: str, count: int) -> list[tuple[bytes | None, bytes]]:
+    """`count` canonical readings of thermostat `device`, a millisecond apart, a minute old."""
+    t0 = now_ms() - 60_000
+    return [
+        (device.encode(), canonical(device, "thermostat", i, t0 + i, temperature_c=20.0))
+        for i in range(count)
+    ]
+
+
 async def rewind_group(settings: Settings) -> None:
     """Reset the writer's group to the earliest offsets, as an operator would for a replay."""
     topics = Topics(settings.topic_prefix)
@@ -98,13 +108,7 @@ async def rewind_group(settings: Settings) -> None:
 async def test_replay_from_the_earliest_offset_adds_no_point(writer_settings: Settings) -> None:
     """Reset the group to the start and run the writer again: the point count stays."""
     s = writer_settings
-    device = unique("thermo")
-    t0 = now_ms() - 60_000
-    records = [
-        (device.encode(), canonical(device, "thermostat", i, t0 + i, temperature_c=20.0))
-        for i in range(500)
-    ]
-    await produce(s, Topics(s.topic_prefix).readings, records)
+    await produce(s, Topics(s.topic_prefix).readings, thermostat_readings(unique("thermo"), 500))
     async with running_writer(s):
         await until_points(s, "thermostat", 500)
     await rewind_group(s)
@@ -228,3 +232,36 @@ async def test_a_wrong_influxdb2_token_stops_the_writer_with_one_line(
         async with running_writer(wrong):
             pass
     assert "not-the-token" not in str(refused.value)
+
+
+async def write_only_token(settings: Settings) -> str:
+    """A 2.x token that may write to the settings' bucket and do nothing else."""
+    assert settings.influx_token is not None
+    admin = {"Authorization": f"Token {settings.influx_token.get_secret_value()}"}
+    async with httpx.AsyncClient(base_url=str(settings.influx_url), headers=admin) as http:
+        org = (await http.get("/api/v2/orgs", params={"org": settings.influx_org})).json()
+        bucket = (await http.get("/api/v2/buckets", params={"name": settings.influx_bucket})).json()
+        org_id, bucket_id = org["orgs"][0]["id"], bucket["buckets"][0]["id"]
+        resource = {"type": "buckets", "id": bucket_id, "orgID": org_id}
+        body = {"orgID": org_id, "permissions": [{"action": "write", "resource": resource}]}
+        made = await http.post("/api/v2/authorizations", json=body)
+    return str(made.json()["token"])
+
+
+async def test_a_token_that_may_only_write_the_bucket_is_all_the_writer_needs(
+    settings: Settings, influxdb2_stack: stack.StackPlan
+) -> None:
+    """InfluxDB 2.x, a token with write access to the bucket alone: every reading is a
+    point; for another bucket the writer stops at start, saying what the token lacks."""
+    s = await own_settings(
+        stack.influx_settings(influxdb2_stack, settings), writer_flush_interval_s=0.2
+    )
+    token = SecretStr(await write_only_token(s))
+    await produce(s, Topics(s.topic_prefix).readings, thermostat_readings(unique("thermo"), 50))
+    async with running_writer(s.model_copy(update={"influx_token": token})):
+        await until_points(s, "thermostat", 50)
+    other = await own_settings(stack.influx_settings(influxdb2_stack, settings))
+    with pytest.raises(IotgwError, match=r"^the token may not write to bucket ") as refused:
+        async with running_writer(other.model_copy(update={"influx_token": token})):
+            pass
+    assert "insufficient permissions for write" in str(refused.value)
