@@ -333,6 +333,9 @@ async def measure(
         report(f"writer: {count:,} readings into Kafka, for InfluxDB {version}")
         await ensure_topics(settings)
         await produce(settings, Topics(settings.topic_prefix).readings, records, **BULK)
+        # As `iotgw influx setup` makes it: the writer on 2.x writes to a bucket that exists.
+        async with InfluxClient.for_settings(settings) as influx:
+            await influx.create_database(db)
         report(f"writer: InfluxDB's ceiling, batches of {batch} over {connections} connections")
         ceilings = [await ceiling(settings, lines, batch, connections)]
         report(f"writer: iotgw run writer into InfluxDB {version}")
