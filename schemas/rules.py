@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,17 +19,30 @@ from pydantic import (
 from schemas.device import DeviceId, TypeName
 from schemas.types import BUILTIN_CATALOGUE, TypeCatalogue
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# A duration's units in seconds (a year is 365 days): rules take up to days, InfluxDB's
+# retention (gateway/domain/rollups.py) up to years.
+DURATION_UNITS_S = {
+    "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400,
+}  # fmt: skip
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w|y)\s*$")
+_RULE_UNITS = ("ms", "s", "m", "h", "d")
+
+
+def duration_seconds(text: str, units: Collection[str]) -> float | None:
+    """`text`, a number and one of `units` (`30s`, `1.5h`), in seconds; None if not one."""
+    match = _DURATION.match(text)
+    if not match or match.group(2) not in units:
+        return None
+    return float(match.group(1)) * DURATION_UNITS_S[match.group(2)]
 
 
 def _seconds(value: Any) -> Any:
     """`30s`, `5m`, `1h`, `250ms`, `2d` (or a number of seconds) as seconds."""
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
+        seconds = duration_seconds(value, _RULE_UNITS)
+        if seconds is None:
             raise ValueError("a duration is a number and a unit: 500ms, 30s, 5m, 1h, 2d")
-        return float(match.group(1)) * _UNIT_S[match.group(2)]
+        return seconds
     return value
 
 

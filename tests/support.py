@@ -255,7 +255,8 @@ def quiet(_: str) -> None:
 @asynccontextmanager
 async def set_up(settings: Settings) -> AsyncIterator[Settings]:
     """`settings`' InfluxDB set up by `iotgw influx setup` (retention, rollups); the
-    rollups removed afterwards, so they stop running (a 2.x task outlives its bucket)."""
+    database or bucket and its rollups removed afterwards, so they stop running (a 2.x task
+    outlives its bucket)."""
     await setup_influx(settings, quiet)
     try:
         yield settings
@@ -263,5 +264,17 @@ async def set_up(settings: Settings) -> AsyncIterator[Settings]:
         async with InfluxClient.for_settings(settings) as influx:
             if influx.v2:
                 await influx.delete_task(rollup_task_name(settings.influx_database))
-            else:
-                await influx.query(f'DROP DATABASE "{settings.influx_database}"', method="POST")
+            await influx.drop_database(settings.influx_database)
+
+
+async def mixed_home_settings(base: Settings, folder: Path) -> tuple[Settings, str]:
+    """This test's own settings (as `own_settings`, writer flushing every 0.2 s) with a
+    sources file of Zigbee2MQTT (on a base topic of its own: no other test's devices),
+    Tasmota and Shelly in `folder`; and that base topic."""
+    base_topic = unique("z2m")
+    sources = folder / "sources.yaml"
+    sources.write_text(
+        f"sources:\n  - adapter: zigbee2mqtt\n    base_topic: {base_topic}\n"
+        "  - adapter: tasmota\n  - adapter: shelly\n"
+    )
+    return await own_settings(base, writer_flush_interval_s=0.2, sources_file=sources), base_topic

@@ -122,10 +122,20 @@ class InfluxClient:
         """Create the database (2.x: the bucket and its DBRP mapping); an existing one is
         success."""
         if self.v2:
-            await self.ensure_bucket(name, retention_s=0, keep_retention=True)
+            if not await self._buckets(name):
+                await self.ensure_bucket(name, retention_s=0)
             await self.ensure_dbrp(name, name, "autogen", default=True)
             return
         await self.query(f'CREATE DATABASE "{name}"', method="POST")
+
+    async def drop_database(self, name: str) -> None:
+        """Delete the database (2.x: the bucket, and with it its DBRP mappings); a missing
+        one is no error."""
+        if not self.v2:
+            await self.query(f'DROP DATABASE "{name}"', method="POST")
+            return
+        for bucket in await self._buckets(name):
+            await self._api("DELETE", f"/api/v2/buckets/{bucket['id']}", missing_ok=True)
 
     async def databases(self) -> list[str]:
         """The databases (2.x: the buckets) the login may see."""
@@ -196,12 +206,9 @@ class InfluxClient:
         ).get("buckets", [])
         return found
 
-    async def ensure_bucket(
-        self, name: str, *, retention_s: int, keep_retention: bool = False
-    ) -> str:
+    async def ensure_bucket(self, name: str, *, retention_s: int) -> str:
         """Create bucket `name` keeping data `retention_s` (0: forever), or set an existing
-        one's retention (unless `keep_retention`): "created", "unchanged" or "was <the
-        retention it had>"."""
+        one's retention: "created", "unchanged" or "was <the retention it had>"."""
         # The shard group duration must be shorter than the retention: InfluxDB's own
         # default for it, which a PATCH of the retention alone does not apply.
         rules = [
@@ -223,11 +230,8 @@ class InfluxClient:
                 return "unchanged"
             return "created"
         bucket = found[0]
-        current = max(
-            (int(rule.get("everySeconds", 0)) for rule in bucket.get("retentionRules", [])),
-            default=0,
-        )
-        if keep_retention or current == retention_s:
+        current = _retention_s(bucket)
+        if current == retention_s:
             return "unchanged"
         await self._api("PATCH", f"/api/v2/buckets/{bucket['id']}", json={"retentionRules": rules})
         return f"was {shown_duration(current)}"
@@ -235,12 +239,7 @@ class InfluxClient:
     async def bucket_retention_s(self, name: str) -> int | None:
         """The retention of bucket `name` in seconds (0: forever), None if there is none."""
         found = await self._buckets(name)
-        if not found:
-            return None
-        return max(
-            (int(r.get("everySeconds", 0)) for r in found[0].get("retentionRules", [])),
-            default=0,
-        )
+        return _retention_s(found[0]) if found else None
 
     async def ensure_dbrp(self, database: str, bucket: str, rp: str, *, default: bool) -> str:
         """Map InfluxQL's `database`.`rp` onto `bucket`: "created", "updated" or
@@ -347,6 +346,12 @@ def rows(results: list[Any]) -> list[list[Any]]:
         for series in result.get("series", [])
         for row in series.get("values", [])
     ]
+
+
+def _retention_s(bucket: dict[str, Any]) -> int:
+    """A 2.x bucket's retention in seconds, as its rules say (0: forever)."""
+    rules = bucket.get("retentionRules", [])
+    return max((int(rule.get("everySeconds", 0)) for rule in rules), default=0)
 
 
 def _raise_unless_2xx(response: httpx.Response, failed: str) -> None:

@@ -26,6 +26,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from schemas.rules import DURATION_UNITS_S, duration_seconds
 from schemas.types import TypeCatalogue, TypeSpec
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "RollupEvery",
     "continuous_queries",
     "duration_s",
+    "go_duration_s",
     "influxql_duration",
     "rollup_backfill",
     "rollup_bucket",
@@ -59,8 +61,8 @@ ROLLUP_RETENTION_POLICY = "rollup"
 # Continuous queries and tasks iotgw made carry this prefix (and only theirs are replaced).
 _PREFIX = "iotgw_rollup"
 
-_UNITS_S = {"s": 1, "m": 60, "h": HOUR_S, "d": DAY_S, "w": 7 * DAY_S, "y": 365 * DAY_S}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdwy])\s*$")
+# The units a retention or rollup interval may be written in, largest first.
+_UNITS = ("y", "w", "d", "h", "m", "s")
 _FOREVER = {"inf", "infinite", "forever"}
 
 
@@ -74,10 +76,10 @@ def _seconds(value: Any, what: str, examples: str) -> int:
     text = str(value).strip().lower()
     if text.isdigit():
         return int(text)
-    match = _DURATION.match(text)
-    if not match:
+    seconds = duration_seconds(text, _UNITS)
+    if seconds is None:
         raise ValueError(f"{what} is a number and a unit: {examples}")
-    return int(match.group(1)) * _UNITS_S[match.group(2)]
+    return int(seconds)
 
 
 def _retention(value: Any) -> int:
@@ -113,19 +115,29 @@ def shown_duration(seconds: int) -> str:
     """A duration as people write it: `30d`, `2y`, `90m`; `forever` for 0."""
     if not seconds:
         return "forever"
-    for unit in ("y", "w", "d", "h", "m"):
-        if seconds % _UNITS_S[unit] == 0:
-            return f"{seconds // _UNITS_S[unit]}{unit}"
-    return f"{seconds}s"
+    return _in_largest_unit(seconds, _UNITS)
+
+
+def go_duration_s(text: str) -> int:
+    """InfluxDB 1.x's durations as SHOW RETENTION POLICIES prints them (`720h0m0s`)."""
+    return sum(
+        int(n) * int(DURATION_UNITS_S[unit]) for n, unit in re.findall(r"(\d+)(h|m|s)", text)
+    )
 
 
 def influxql_duration(seconds: int) -> str:
     """A duration in InfluxQL (which has no years): `720h`, `INF` for 0."""
     if not seconds:
         return "INF"
-    for unit in ("w", "d", "h", "m"):
-        if seconds % _UNITS_S[unit] == 0:
-            return f"{seconds // _UNITS_S[unit]}{unit}"
+    return _in_largest_unit(seconds, _UNITS[1:])
+
+
+def _in_largest_unit(seconds: int, units: tuple[str, ...]) -> str:
+    """`seconds` as a whole number of the largest of `units` (largest first) that fits."""
+    for unit in units:
+        size = int(DURATION_UNITS_S[unit])
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
     return f"{seconds}s"
 
 

@@ -10,7 +10,6 @@ rolled up.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from gateway.domain.rollups import (
     ROLLUP_RETENTION_POLICY,
     ContinuousQuery,
     continuous_queries,
+    go_duration_s,
     influxql_duration,
     is_rollup_query,
     rollup_backfill,
@@ -34,11 +34,10 @@ from gateway.domain.rollups import (
 from gateway.errors import IotgwError
 from gateway.settings import Settings
 
-__all__ = ["InfluxSetup", "go_duration_s", "rollup_history", "setup_influx"]
+__all__ = ["InfluxSetup", "rollup_history", "setup_influx"]
 
 Report = Callable[[str], None]
 
-_GO_DURATION = re.compile(r"(\d+)(h|m|s)")
 _HOUR_MS = HOUR_S * 1000
 # The rollups of past hours are made a week at a time: each query stays small.
 _BACKFILL_STEP_MS = 7 * DAY_S * 1000
@@ -54,12 +53,6 @@ class InfluxSetup:
     def say(self, report: Report, line: str) -> None:
         self.lines.append(line)
         report(line)
-
-
-def go_duration_s(text: str) -> int:
-    """InfluxDB 1.x's durations as SHOW RETENTION POLICIES prints them (`720h0m0s`)."""
-    units = {"h": HOUR_S, "m": 60, "s": 1}
-    return sum(int(n) * units[unit] for n, unit in _GO_DURATION.findall(text))
 
 
 async def setup_influx(settings: Settings, report: Report, *, shorten: bool = False) -> InfluxSetup:

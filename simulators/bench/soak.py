@@ -103,12 +103,13 @@ async def soak(base: Settings, rate: float, minutes: float, out: Path) -> dict[s
         update={
             "topic_prefix": f"soak{tag}", "mqtt_client_id": f"soak-bridge-{tag}",
             "writer_group": f"soak-writer-{tag}", "influx_db": f"soak_{tag}",
+            **({"influx_bucket": f"soak_{tag}"} if base.influx_v2 else {}),
         }
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     await ensure_topics(settings)
-    async with InfluxClient(str(settings.influx_url), auth=settings.influx_auth) as influx:
-        await influx.create_database(settings.influx_db)
+    async with InfluxClient.for_settings(settings) as influx:
+        await influx.create_database(settings.influx_database)
     async with RegistryWriter(settings) as registry:
         await registry.put(*(d.record() for d in build_fleet(DEVICES, 7)))
     bridge = service("bridge", settings, out / "soak-bridge.log")

@@ -154,23 +154,6 @@ async def server_version(settings: Settings) -> str:
     return str(response.headers.get("X-Influxdb-Version", "unknown"))
 
 
-async def drop_database(settings: Settings, name: str) -> None:
-    """Delete database `name` (2.x: the bucket, and with it its DBRP mapping); a missing
-    one is no error."""
-    if not settings.influx_v2:
-        async with InfluxClient.for_settings(settings) as influx:
-            await influx.query(f'DROP DATABASE "{name}"', method="POST")
-        return
-    async with influx_http(settings) as http:
-        params = {"org": settings.influx_org or "", "name": name}
-        found = await http.get("/api/v2/buckets", params=params)
-        buckets = found.json().get("buckets", []) if found.status_code == 200 else []
-        for bucket in buckets:
-            deleted = await http.delete(f"/api/v2/buckets/{bucket['id']}")
-            if deleted.status_code not in (204, 404):
-                raise IotgwError(f"InfluxDB kept bucket {name}: {influx_reason(deleted)}")
-
-
 @asynccontextmanager
 async def scratch_database(settings: Settings, name: str) -> AsyncIterator[str]:
     """Database (2.x: bucket) `name`, created for the block and dropped after it."""
@@ -179,7 +162,8 @@ async def scratch_database(settings: Settings, name: str) -> AsyncIterator[str]:
     try:
         yield name
     finally:
-        await drop_database(settings, name)
+        async with InfluxClient.for_settings(settings) as influx:
+            await influx.drop_database(name)
 
 
 async def ceiling(settings: Settings, lines: list[str], batch: int, connections: int) -> float:
@@ -350,7 +334,8 @@ async def measure(
             report("writer: influxdb-client's Point objects against our line protocol")
             client = await client_ways(settings, records, batch, connections)
     finally:
-        await drop_database(settings, db)
+        async with InfluxClient.for_settings(settings) as influx:
+            await influx.drop_database(db)
         async with kafka_admin(settings.kafka_bootstrap, settings.timeout_s) as admin:
             await admin.delete_topics([s.name for s in Topics(settings.topic_prefix).specs()])
     top = sum(ceilings) / len(ceilings)

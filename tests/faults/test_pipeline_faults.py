@@ -28,10 +28,17 @@ from simulators.audit import (
 from simulators.formats import Format
 from simulators.processes import ServiceProcess, free_ports, rss_mb
 from simulators.runner import run_simulation
-from tests.conftest import stack_settings, unique
+from tests.conftest import stack_settings
 from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_bridge_faults import bridge_process, kill_9
-from tests.support import forget_session, own_settings, running_bridge, running_writer, until
+from tests.support import (
+    forget_session,
+    mixed_home_settings,
+    own_settings,
+    running_bridge,
+    running_writer,
+    until,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -284,13 +291,7 @@ async def test_mixed_fleet_keeps_each_devices_order_through_a_bridge_kill_9(
     the audit loses nothing, nothing is twice in InfluxDB, and in iot.readings each
     device's readings come in the order it sent them (a redelivered message may repeat
     what followed it, never overtake it)."""
-    base_topic = unique("z2m")
-    sources = tmp_path / "sources.yaml"
-    sources.write_text(
-        f"sources:\n  - adapter: zigbee2mqtt\n    base_topic: {base_topic}\n"
-        "  - adapter: tasmota\n  - adapter: shelly\n"
-    )
-    s = await own_settings(settings, writer_flush_interval_s=0.2, sources_file=sources)
+    s, base_topic = await mixed_home_settings(settings, tmp_path)
     log, bridge_log = tmp_path / "sent.jsonl", tmp_path / "bridge.log"
     try:
         async with running_writer(s):

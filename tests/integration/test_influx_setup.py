@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from gateway.adapters.influx import InfluxClient
 from gateway.cli.app import app
 from gateway.clock import now_ms
-from gateway.domain.rollups import DAY_S, ROLLUP_RETENTION_POLICY, rollup_bucket
-from gateway.services.influx_setup import go_duration_s, setup_influx
+from gateway.domain.rollups import DAY_S, ROLLUP_RETENTION_POLICY, go_duration_s, rollup_bucket
+from gateway.services.influx_setup import setup_influx
 from gateway.settings import Settings
 from tests.conftest import unique
 from tests.support import influx_rows, own_settings, quiet, set_up

@@ -138,7 +138,7 @@ async def test_influx_line_protocol_write_then_influxql_query(settings: Settings
                 "SELECT temperature_c, heating, device_id FROM thermostat ORDER BY time", db=db
             )
         finally:
-            await influx.query(f'DROP DATABASE "{db}"', method="POST")
+            await influx.drop_database(db)
     series = results[0]["series"][0]
     assert series["columns"] == ["time", "temperature_c", "heating", "device_id"]
     assert series["values"] == [

@@ -16,12 +16,11 @@ from simulators.audit import SendLog, audit_until_settled
 from simulators.fleet import build_fleet
 from simulators.formats import Format, bridge_state, presence
 from simulators.runner import run_simulation
-from tests.conftest import unique
 from tests.support import (
     DevicePublisher,
     TopicReader,
     forget_session,
-    own_settings,
+    mixed_home_settings,
     running_bridge,
     running_writer,
     until,
@@ -42,13 +41,7 @@ async def test_dropped_devices_go_offline_by_their_will_and_come_back(
     # Its own device ids (they come from the seed) and Zigbee2MQTT base topic: no other
     # run's fleet speaks for these devices.
     seed = uuid.uuid4().int % 1_000_000
-    base_topic = unique("z2m")
-    sources = tmp_path / "sources.yaml"
-    sources.write_text(
-        f"sources:\n  - adapter: zigbee2mqtt\n    base_topic: {base_topic}\n"
-        "  - adapter: tasmota\n  - adapter: shelly\n"
-    )
-    s = await own_settings(settings, writer_flush_interval_s=0.2, sources_file=sources)
+    s, base_topic = await mixed_home_settings(settings, tmp_path)
     fleet = build_fleet(DEVICES, seed, "mixed", base_topic=base_topic)
     log = tmp_path / "sent.jsonl"
     try:

@@ -23,6 +23,7 @@ from simulators.runner import run_simulation
 from tests.conftest import unique
 from tests.support import (
     forget_session,
+    mixed_home_settings,
     own_settings,
     running_bridge,
     running_writer,
@@ -74,13 +75,7 @@ async def test_mixed_fleet_through_the_bridge_audits_nothing_lost(
     the audit finds every valid reading in iot.readings and once in InfluxDB, loses none,
     and the dead-letter reasons match the faults sent; the readings of the source formats
     carry their device's time (`ts_source: device`)."""
-    base_topic = unique("z2m")  # its own Zigbee2MQTT base topic: no other test's devices
-    sources = tmp_path / "sources.yaml"
-    sources.write_text(
-        f"sources:\n  - adapter: zigbee2mqtt\n    base_topic: {base_topic}\n"
-        "  - adapter: tasmota\n  - adapter: shelly\n"
-    )
-    s = await own_settings(settings, writer_flush_interval_s=0.2, sources_file=sources)
+    s, base_topic = await mixed_home_settings(settings, tmp_path)
     log = tmp_path / "sent.jsonl"
     try:
         async with running_bridge(s), running_writer(s):
