@@ -144,7 +144,11 @@ async def test_port_in_use_is_reported(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        plan = stack.StackPlan(tmp_path / "stack", mqtt_port=port, kinds=("mosquitto",))
+        # The squatter's port may be high in the ephemeral range, where port + 7000 (the
+        # TLS listener's default) is no port: give that one its own.
+        plan = stack.StackPlan(
+            tmp_path / "stack", mqtt_port=port, mqtts_port=free_ports(1), kinds=("mosquitto",)
+        )
         with pytest.raises(IotgwError, match=f"port {port} for mosquitto is already in use"):
             await stack.up(plan, Settings())
     assert stack.status(plan.root) == [] or not any(s.up for s in stack.status(plan.root))
